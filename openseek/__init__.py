@@ -1,0 +1,7 @@
+"""openseek: DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch."""
+
+from .config import ModelConfig, preset
+from .model import Transformer, load_pretrained, save_pretrained
+
+__all__ = ["ModelConfig", "Transformer", "load_pretrained", "preset", "save_pretrained"]
+__version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""ModelConfig: every architecture field of DeepSeek-V2 / V2-Lite / V3, read from and written to config.json.
+
+Stdlib only. Hub configs carry `rope_theta` + `rope_scaling` (`type: yarn`); current transformers writes
+`rope_parameters` (`rope_type: yarn`, `rope_theta` inside). Both are accepted; `to_hf()` writes both spellings so
+old remote code and current transformers read the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+TOPK_ALIASES = {"gready": "greedy"}  # the misspelling in the original config docstring
+SCORING_FUNCS = ("softmax", "sigmoid")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 10944  # dense FFN layers
+    moe_intermediate_size: int = 1408  # one routed expert
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    q_lora_rank: int | None = None  # None: no query compression (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int | None = 64  # None: every layer dense
+    n_shared_experts: int = 2
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    scoring_func: str = "softmax"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # YaRN parameters (YARN_KEYS), or None for plain RoPE
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 100000
+    eos_token_id: int | list[int] | None = 100001
+    model_type: str = "deepseek_v2"
+    num_nextn_predict_layers: int = 0  # V3 multi-token-prediction layers stored after the main ones
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    quantization_config: dict[str, Any] | None = None
+    torch_dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept for write-back
+
+    def __post_init__(self) -> None:
+        self.topk_method = TOPK_ALIASES.get(self.topk_method, self.topk_method)
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per token per layer by MLA: the latent plus the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (self.n_routed_experts is not None and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_head_dim), times YaRN's mscale(s, mscale_all_dim)^2 (reference §3.3)."""
+        scale = self.qk_head_dim ** -0.5
+        ys = self.rope_scaling
+        if ys and ys.get("mscale_all_dim"):
+            m = yarn_mscale(ys["factor"], ys["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    # ---- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"config field {name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            raise bad("q_lora_rank", "must be a positive integer or null (no query compression)")
+        if self.model_type not in MODEL_TYPES:
+            raise bad("model_type", f"allowed: {', '.join(MODEL_TYPES)}")
+        if self.topk_method not in TOPK_METHODS:
+            raise bad("topk_method", f"allowed: {', '.join(TOPK_METHODS)} (or the spelling 'gready')")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise bad("scoring_func", f"allowed: {', '.join(SCORING_FUNCS)}")
+        if not isinstance(self.moe_layer_freq, int) or self.moe_layer_freq < 1:
+            raise bad("moe_layer_freq", "must be a positive integer")
+        if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
+            raise bad("first_k_dense_replace", "must be a non-negative integer")
+        if self.n_routed_experts is not None:
+            self._validate_moe(bad)
+        if self.rope_scaling is not None:
+            missing = [k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling]
+            if missing:
+                raise bad("rope_scaling", f"YaRN needs {', '.join(missing)}")
+            if not self.rope_scaling["factor"] or self.rope_scaling["factor"] <= 0:
+                raise bad("rope_scaling", "factor must be positive")
+
+    def _validate_moe(self, bad) -> None:
+        e = self.n_routed_experts
+        if not isinstance(e, int) or e < 1:
+            raise bad("n_routed_experts", "must be a positive integer or null (all layers dense)")
+        if not 1 <= self.num_experts_per_tok <= e:
+            raise bad("num_experts_per_tok", f"must lie in [1, n_routed_experts={e}]")
+        if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size < 1:
+            raise bad("moe_intermediate_size", "must be a positive integer")
+        if self.n_shared_experts < 0:
+            raise bad("n_shared_experts", "must be >= 0")
+        if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
+            raise bad("scoring_func", "topk_method 'noaux_tc' needs scoring_func 'sigmoid'")
+        if self.topk_method != "greedy":
+            if self.n_group < 1 or e % self.n_group:
+                raise bad("n_group", f"must divide n_routed_experts={e}")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise bad("topk_group", f"must lie in [1, n_group={self.n_group}]")
+            if self.topk_group * (e // self.n_group) < self.num_experts_per_tok:
+                raise bad("topk_group", "the kept groups hold fewer experts than num_experts_per_tok")
+            if self.topk_method == "noaux_tc" and e // self.n_group < 2:
+                raise bad("n_group", "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group")
+
+    # ---- config.json ---------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict (hub layout or current transformers layout)."""
+        d = dict(d)
+        if d.get("model_type") == "deepseek_v3":  # V3 configs (and transformers' V3 class) imply its router
+            d.setdefault("topk_method", "noaux_tc")
+            d.setdefault("scoring_func", "sigmoid")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
+        kwargs: dict[str, Any] = {k: d.pop(k) for k in list(d) if k in names}
+        if "dtype" in d and "torch_dtype" not in kwargs:
+            kwargs["torch_dtype"] = d.pop("dtype")
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        d.pop("rope_scaling", None)
+        theta = d.pop("rope_theta", None) or rope.get("rope_theta") or 10000.0
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "yarn"):
+            raise ValueError(f"config field rope_scaling type={kind!r} is invalid: allowed: yarn, or none")
+        kwargs["rope_theta"] = float(theta)
+        kwargs["rope_scaling"] = {k: rope[k] for k in YARN_KEYS + ("attention_factor",) if k in rope} \
+            if kind == "yarn" else None
+        if kwargs.get("n_group") is None:
+            kwargs["n_group"] = 1
+        if kwargs.get("topk_group") is None:
+            kwargs["topk_group"] = 1
+        if kwargs.get("num_nextn_predict_layers") is None:
+            kwargs["num_nextn_predict_layers"] = 0
+        for derived in ("qk_head_dim", "head_dim"):  # transformers writes these; they follow from the fields
+            d.pop(derived, None)
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config field hidden_act={d['hidden_act']!r} is invalid: allowed: silu")
+        if d.get("attention_bias", False) or d.get("mlp_bias", False):
+            raise ValueError("config fields attention_bias / mlp_bias must be false: DeepSeek projections have no bias")
+        return cls(**kwargs, extra=d)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict: loadable by transformers and by the hub remote code."""
+        d = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra", "rope_scaling", "torch_dtype"):
+                d[f.name] = getattr(self, f.name)
+        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        d.setdefault("architectures", [arch])
+        d["num_key_value_heads"] = self.num_attention_heads  # MLA: every head has its own expanded K/V
+        d["hidden_act"] = "silu"
+        d["attention_bias"] = False
+        if self.torch_dtype is not None:
+            d["torch_dtype"] = d["dtype"] = self.torch_dtype
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            d["rope_scaling"] = {"type": "yarn", **self.rope_scaling}
+            rope = {"rope_type": "yarn", "rope_theta": self.rope_theta, **self.rope_scaling}
+        d["rope_parameters"] = rope
+        if self.quantization_config is None:
+            d.pop("quantization_config")
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# ---- presets: the shipped architectures, as data (reference §4.1) --------------------------------
+_YARN_V2 = {"factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 0.707, "mscale_all_dim": 0.707}
+PRESETS: dict[str, dict[str, Any]] = {
+    "v2": dict(vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+               num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, n_routed_experts=160,
+               n_shared_experts=2, num_experts_per_tok=6, topk_method="group_limited_greedy", n_group=8,
+               topk_group=3, routed_scaling_factor=16.0, rope_scaling=_YARN_V2),
+    "v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                    num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, n_routed_experts=64,
+                    n_shared_experts=2, num_experts_per_tok=6, topk_method="greedy", rope_scaling=_YARN_V2),
+    "v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+               num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, n_routed_experts=256,
+               n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=3, topk_method="noaux_tc",
+               n_group=8, topk_group=4, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+               bos_token_id=0, eos_token_id=1, model_type="deepseek_v3", num_nextn_predict_layers=1,
+               rope_scaling={**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: allowed: {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name])

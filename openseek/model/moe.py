@@ -1,0 +1,117 @@
+"""DeepSeekMoE: router, stacked routed experts, shared experts (DeepSeek-V2 §2.2, V3 §2.1.2).
+
+Shapes: N tokens (batch and sequence flattened), D model dim, E routed experts, K experts per token,
+F expert hidden dim, G expert groups. Suffixes name the dims where several coexist (`ids_NK`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import SwiGLU
+
+
+class Router(nn.Module):
+    """Scores in float32; top-k greedy, group-limited (V2) or noaux_tc with a selection bias (V3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.method, self.scoring = cfg.topk_method, cfg.scoring_func
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        # V3's e_score_correction_bias: moved by the load-balancing rule, not by gradients.
+        self.register_buffer("bias", torch.zeros(E) if self.method == "noaux_tc" else None)
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> gate weights (N, K) float32, expert ids (N, K), full scores (N, E) float32."""
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits_NE.softmax(-1) if self.scoring == "softmax" else logits_NE.sigmoid()
+        choice_NE = scores_NE if self.bias is None else scores_NE + self.bias.float()
+        if self.method != "greedy" and self.n_group > 1:
+            choice_NE = self._limit_groups(choice_NE)
+        ids_NK = choice_NE.topk(self.top_k, dim=-1).indices
+        weights_NK = scores_NE.gather(1, ids_NK)  # the unbiased scores weight the experts
+        if self.scoring == "sigmoid":  # V3: optional renormalisation, then always scaled
+            if self.norm_topk_prob:
+                weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
+            weights_NK = weights_NK * self.scaling
+        elif self.top_k > 1 and self.norm_topk_prob:  # V2 remote code: renormalise *instead of* scaling
+            weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
+        else:
+            weights_NK = weights_NK * self.scaling
+        return weights_NK, ids_NK, scores_NE
+
+    def _limit_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        """Keep the experts of the topk_group best groups (device-/node-limited routing)."""
+        N, E = choice_NE.shape
+        choice_NGe = choice_NE.view(N, self.n_group, E // self.n_group)
+        if self.method == "group_limited_greedy":  # V2: a group scores its best expert
+            group_NG = choice_NGe.amax(-1)
+            fill = 0.0  # as the reference; scores are softmax probabilities, so > 0
+        else:  # noaux_tc (V3): a group scores the sum of its top-2 biased scores
+            group_NG = choice_NGe.topk(2, dim=-1).values.sum(-1)
+            fill = float("-inf")  # biased scores may be negative
+        keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
+        keep_NG.scatter_(1, group_NG.topk(self.topk_group, dim=-1).indices, True)
+        return choice_NGe.masked_fill(~keep_NG[..., None], fill).view(N, E)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: w1/w3 (E, F, D), w2 (E, D, F)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+        """Group (token, slot) pairs by expert and run only the experts that received tokens."""
+        N, K = ids_NK.shape
+        order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
+        counts_E = torch.bincount(ids_NK.flatten(), minlength=self.w1.shape[0])
+        token_of = order // K
+        xs = x_ND[token_of]  # (N*K, D), grouped by expert
+        if hasattr(torch, "_grouped_mm") and not (torch.is_grad_enabled() and self.w1.requires_grad):
+            ys = self._grouped(xs, counts_E)
+        else:  # grouped_mm has no working backward on CPU in torch 2.13
+            ys = self._looped(xs, counts_E)
+        ys = ys * weights_NK.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
+
+    def _grouped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)) \
+            * torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)  # (N*K, F)
+        return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (N*K, D)
+
+    def _looped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        ys, start = [], 0
+        for e, c in enumerate(counts_E.tolist()):
+            if c:
+                xe = xs[start:start + c]
+                ys.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
+                start += c
+        return torch.cat(ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) \
+            if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_ND = x.flatten(0, -2)
+        weights_NK, ids_NK, _ = self.gate(x_ND)
+        y = self.experts(x_ND, weights_NK, ids_NK)
+        if self.shared is not None:
+            y = y + self.shared(x_ND)
+        return y.view_as(x)

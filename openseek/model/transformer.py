@@ -1,0 +1,88 @@
+"""The DeepSeek-V2/V3 decoder: pre-norm blocks of MLA and a dense or MoE FFN.
+
+Shapes: B batch, S tokens, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, Rotary, SwiGLU
+from .mla import MLA
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPLayer(nn.Module):
+    """DeepSeek-V3 multi-token prediction module: predicts token t+2 from h_t and the embedding of t+1.
+
+    Its embedding and output head are the main model's (shared in the checkpoint too).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(cfg, layer_id)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Embedding first, then hidden state: the order that works with the released weights (reference §5.4).
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1))  # (B, S, D)
+        return self.norm(self.block(x, cos, sin))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, with_mtp: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.rotary = Rotary(cfg)
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, S, D) of a causal forward over input_ids (B, S)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = self.rotary(positions)  # (B, S, R/2)
+        x = self.embed(input_ids)  # (B, S, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)  # (B, S, V)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, S, V) for input_ids (B, S)."""
+        return self.logits(self.hidden_states(input_ids, positions))
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
