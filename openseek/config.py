@@ -153,8 +153,8 @@ class ModelConfig:
             d.setdefault("scoring_func", "sigmoid")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta"}
         kwargs: dict[str, Any] = {k: d.pop(k) for k in list(d) if k in names}
-        if "dtype" in d and "torch_dtype" not in kwargs:
-            kwargs["torch_dtype"] = d.pop("dtype")
+        if "dtype" in d:  # transformers >= 4.56 spells torch_dtype this way
+            kwargs.setdefault("torch_dtype", d.pop("dtype"))
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
         d.pop("rope_scaling", None)
         theta = d.pop("rope_theta", None) or rope.get("rope_theta") or 10000.0
