@@ -125,12 +125,14 @@ class ModelConfig:
         e = self.n_routed_experts
         if not isinstance(e, int) or e < 1:
             raise bad("n_routed_experts", "must be a positive integer or null (all layers dense)")
+        for name in ("num_experts_per_tok", "n_group", "topk_group", "n_shared_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (name != "n_shared_experts"):
+                raise bad(name, "must be a positive integer" if name != "n_shared_experts" else "must be >= 0")
         if not 1 <= self.num_experts_per_tok <= e:
             raise bad("num_experts_per_tok", f"must lie in [1, n_routed_experts={e}]")
         if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size < 1:
             raise bad("moe_intermediate_size", "must be a positive integer")
-        if self.n_shared_experts < 0:
-            raise bad("n_shared_experts", "must be >= 0")
         if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
             raise bad("scoring_func", "topk_method 'noaux_tc' needs scoring_func 'sigmoid'")
         if self.topk_method != "greedy":

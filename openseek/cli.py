@@ -1,0 +1,149 @@
+"""The `openseek` command: one subcommand per function, each registered by its own `add_*` function.
+
+User-input problems (missing files, unknown presets, invalid configs) raise UsageError; `main` prints them as one
+`error: ...` line on stderr and returns 2, the exit code argparse uses for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, ModelConfig, preset
+from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, summarize
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, never as a traceback."""
+
+
+def load_config(path: str | None, preset_name: str | None) -> ModelConfig:
+    """The ModelConfig from PATH (a checkpoint folder or its config.json) or from a named preset; exactly one."""
+    if (path is None) == (preset_name is None):
+        raise UsageError("give exactly one of PATH or --preset")
+    if preset_name is not None:
+        try:
+            return preset(preset_name)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+    if not Path(path).exists():
+        raise UsageError(f"path {path} does not exist")
+    try:
+        return ModelConfig.from_file(path)
+    except OSError as e:  # no config.json in the folder, unreadable file
+        raise UsageError(str(e)) from e
+    except (ValueError, TypeError) as e:  # bad JSON, invalid field; a TypeError from validation names no file
+        raise UsageError(str(e) if str(path) in str(e) else f"invalid config in {path}: {e}") from e
+
+
+# ---- info ------------------------------------------------------------------------------------------------------
+def add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="architecture, parameter counts and KV-cache size of a model (no weights read)",
+                       description="Summarise a model from its config.json or a preset; no weights are read.")
+    p.add_argument("path", nargs="?", metavar="PATH", help="checkpoint folder (or its config.json)")
+    p.add_argument("--preset", metavar="NAME", help=f"a shipped architecture: {', '.join(PRESETS)}")
+    p.add_argument("--cache-dtype", choices=list(CACHE_DTYPE_BYTES), default=DEFAULT_CACHE_DTYPE,
+                   help="element type for the KV-cache byte counts (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the same data as JSON")
+    p.set_defaults(run=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cfg = load_config(args.path, args.preset)
+    data = {"source": {"preset": args.preset} if args.preset else {"path": str(args.path)},
+            **summarize(cfg, args.cache_dtype)}
+    print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
+def format_info(data: dict[str, Any]) -> str:
+    """The human-readable `openseek info` report."""
+    a, p, kv = data["architecture"], data["parameters"], data["kv_cache"]
+    src = data["source"]
+    routing = a["topk_method"]
+    if a["topk_method"] != "greedy" and a["n_group"] > 1:
+        routing += f" ({a['n_group']} groups, top {a['topk_group']})"
+    routing += f", {a['scoring_func']} scores" + (", top-k renormalised" if a["norm_topk_prob"] else "")
+    routing += f", scaling {a['routed_scaling_factor']:g}"
+    yarn = f"factor {a['yarn_factor']:g}, mscale_all_dim {a['yarn_mscale_all_dim'] or 0:g}" \
+        if a["yarn_factor"] else "off (plain RoPE)"
+    q_rank = a["q_lora_rank"] if a["q_lora_rank"] is not None else "none (no query compression)"
+    rows = [
+        ("model type", a["model_type"]),
+        ("layers", f"{a['layers']} ({a['dense_layers']} dense + {a['moe_layers']} MoE)"
+         + (f", + {a['mtp_layers']} MTP" if a["mtp_layers"] else "")),
+        ("hidden size", f"{a['hidden_size']} (dense FFN {a['intermediate_size']}, vocab {a['vocab_size']})"),
+        ("attention heads", a["heads"]),
+        ("q_lora_rank", q_rank),
+        ("kv_lora_rank", a["kv_lora_rank"]),
+        ("head dims", f"qk nope {a['qk_nope_head_dim']} + rope {a['qk_rope_head_dim']}, v {a['v_head_dim']}"),
+    ]
+    if a["moe_layers"]:
+        rows += [("experts", f"{a['routed_experts']} routed + {a['shared_experts']} shared, {a['active_experts']} "
+                             f"active per token (expert FFN {a['moe_intermediate_size']})"),
+                 ("routing", routing)]
+    rows += [("YaRN", yarn), ("softmax scale", f"{a['softmax_scale']:.6f}")]
+    emb = _count(p["embedding"]) + (" (tied to head)" if a["tie_word_embeddings"] else f" / {_count(p['head'])}")
+    params = [
+        ("total", _count(p["total"]) + (" (MTP excluded)" if p["mtp"] else "")),
+        ("activated per token", f"{_count(p['activated'])} incl. embedding and head"),
+        ("", f"{_count(p['activated_excl_embedding'])} excl. input embedding"),
+        ("embedding / head", emb),
+        ("attention per layer", _count(p["attention_per_layer"])),
+    ]
+    if p["routed_expert"]:
+        params.append(("one routed expert", _count(p["routed_expert"])))
+    if p["mtp"]:
+        params.append(("MTP layers", f"{_count(p['mtp'])} (own parameters; embedding and head shared)"))
+    b = kv["bytes_per_value"]
+    cache = [
+        ("values per token per layer", f"{kv['latent_per_layer']:,}", f"{kv['expanded_per_layer']:,}"),
+        ("values per token", f"{kv['latent_per_token']:,}", f"{kv['expanded_per_token']:,}"),
+        (f"bytes per token ({kv['dtype']})", _bytes(kv["latent_per_token"] * b), _bytes(kv["expanded_per_token"] * b)),
+        ("ratio (expanded / latent)", "1x", f"{kv['ratio']:.1f}x"),
+    ]
+    title = f"preset {src['preset']}" if "preset" in src else src["path"]
+    lines = [f"openseek info: {title}", "", "Architecture"]
+    lines += [f"  {k:<22}{v}" for k, v in rows]
+    lines += ["", "Parameters"] + [f"  {k:<22}{v}" for k, v in params]
+    lines += ["", f"KV cache per token{'MLA latent':>22}{'expanded K/V':>16}"]
+    lines += [f"  {k:<26}{x:>14}{y:>16}" for k, x, y in cache]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openseek", description="DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_info(sub)  # generate / serve / train / ... register here the same way
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `openseek info ... | head`: the reader left; stop quietly (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
