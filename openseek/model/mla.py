@@ -4,8 +4,9 @@ Shapes: B batch, S query tokens, T key tokens, H heads, D model dim, C latent (k
 R rope dim, N no-rope q/k head dim (qk_nope_head_dim), V value head dim.
 
 Keys and values are one latent per token: c_kv (C, RMS-normalised) plus a rope key k_pe (R) shared by all
-heads. The expanded path up-projects the latent to per-head K/V (training, prefill); absorbed decode, which
-attends over the latents directly, builds on `project_q` / `project_kv` in the engine.
+heads. The expanded path up-projects the latent to per-head K/V (training, long prefill). The absorbed path
+folds W_UK into the query and W_UV after the output, so attention runs over the cached latents directly:
+MQA with one 576-wide key and a 512-wide value (reference §1.4).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .batch import ForwardBatch
 from .layers import RMSNorm, apply_rope
+
+
+PREFILL_ABSORB_RATIO = 4  # prefill chunks this many times shorter than their context use the absorbed path
 
 
 class MLA(nn.Module):
@@ -61,8 +66,57 @@ class MLA(nn.Module):
                                            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return o.transpose(1, 2)  # (B, S, H, V)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over latents (B, T, C + R) for queries (B, S, H, .); mask (B, S, T) bool. -> (B, S, H, V)"""
+        H, C = self.n_heads, self.kv_lora_rank
+        w_kv_b = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, C)
+        w_uk, w_uv = w_kv_b[:, : self.nope_dim], w_kv_b[:, self.nope_dim:]  # (H, N, C), (H, V, C)
+        q = torch.cat((torch.einsum("bshn,hnc->bshc", q_nope, w_uk), q_pe), dim=-1)  # (B, S, H, C + R)
+        B, S = q.shape[:2]
+        scores = torch.bmm(q.reshape(B, S * H, -1), latents.transpose(1, 2)) * self.softmax_scale  # (B, S*H, T)
+        scores = scores.view(B, S, H, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        p = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # (B, S, H, T)
+        o_lat = torch.bmm(p.view(B, S * H, -1), latents[..., :C]).view(B, S, H, C)  # (B, S, H, C)
+        return torch.einsum("bshc,hvc->bshv", o_lat, w_uv)  # (B, S, H, V)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: ForwardBatch | None = None, cache: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over x (B, S, D); with a batch, x is (1, N, D) packed over the paged cache."""
         q_nope, q_pe = self.project_q(x, cos, sin)
         c_kv, k_pe = self.project_kv(x, cos, sin)
-        o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe)
+        if batch is None:
+            o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe)
+        else:
+            cache.index_copy_(0, batch.slot_mapping, torch.cat((c_kv, k_pe), dim=-1)[0])  # cache: (slots, C + R)
+            o = self._attend_paged(q_nope[0], q_pe[0], cache, batch)[None]
         return self.wo(o.flatten(2))  # (B, S, D)
+
+    def _attend_paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                      batch: ForwardBatch) -> torch.Tensor:
+        """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, V)"""
+        outs, nd = [], batch.num_decodes
+        if nd:  # all decodes in one absorbed call, padded to the longest context
+            lens = torch.tensor(batch.context_lens[:nd], device=cache.device)
+            T = int(max(batch.context_lens[:nd]))
+            t = torch.arange(T, device=cache.device)
+            slots = batch.block_tables[:nd, t // batch.block_size] * batch.block_size + t % batch.block_size
+            mask = (t[None] < lens[:, None])[:, None]  # (B, 1, T)
+            outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], cache[slots], mask)[:, 0])
+        start = nd
+        for i in range(nd, len(batch.query_lens)):  # prefill chunks, one sequence at a time
+            S, T = batch.query_lens[i], batch.context_lens[i]
+            latents = cache[batch.gather_slots(i, T)]  # (T, C + R)
+            qn, qp = q_nope[start:start + S, None], q_pe[start:start + S, None]  # (S, 1, H, .)
+            mask = torch.arange(T, device=cache.device)[None] <= torch.arange(T - S, T, device=cache.device)[:, None]
+            if S * PREFILL_ABSORB_RATIO <= T:  # a short chunk over a long context: absorbed is cheaper
+                o = self.attend_absorbed(qn.transpose(0, 1), qp.transpose(0, 1), latents[None], mask[None])[0]
+            else:
+                c_kv, k_pe = latents[None].split([self.kv_lora_rank, self.rope_dim], dim=-1)
+                o = self.attend_expanded(qn.transpose(0, 1), qp.transpose(0, 1), c_kv, k_pe,
+                                         None if S == T else mask)[0]
+            outs.append(o)
+            start += S
+        return torch.cat(outs)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .batch import ForwardBatch
 from .layers import RMSNorm, Rotary, SwiGLU
 from .mla import MLA
 from .moe import MoE
@@ -22,8 +23,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: ForwardBatch | None = None, cache: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, batch, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -71,6 +73,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
+
+    def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Hidden states (N, D) of N packed new tokens, reading and extending kv_cache (layers, slots, C + R)."""
+        cos, sin = self.rotary(batch.positions[None])  # (1, N, R/2)
+        x = self.embed(input_ids)[None]  # (1, N, D)
+        for layer, cache in zip(self.layers, kv_cache):
+            x = layer(x, cos, sin, batch, cache)
+        return self.norm(x[0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)  # (B, S, V)

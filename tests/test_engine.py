@@ -1,0 +1,197 @@
+"""LLM end to end on a tiny random checkpoint with a tokenizer, against transformers and against itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_reference, save_reference
+from openseek import LLM, SamplingParams
+from tokenizers_util import write_test_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine") / "tiny"
+    path.mkdir()
+    vocab = write_test_tokenizer(path)
+    ref = build_reference("v2", q_lora_rank=24, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    save_reference(ref, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def prompts(n=8, seed=0, vocab=250):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, vocab, (3 + 5 * i,), generator=g).tolist()} for i in range(n)]
+
+
+def test_batched_greedy_matches_single_and_transformers(folder, reference):
+    llm = LLM(folder, block_size=4)
+    batch = [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)]
+    alone = [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts()]
+    assert batch == alone
+    for p, got in zip(prompts(), batch):
+        ids = torch.tensor([p["prompt_token_ids"]])
+        with torch.no_grad():
+            # an explicit mask: generate would otherwise treat prompt tokens equal to pad_token_id as padding
+            want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+        assert got == want[0, ids.shape[1]:].tolist()
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_num_batched_tokens=7), dict(enable_prefix_caching=False),
+                                    dict(max_num_seqs=2)])
+def test_chunked_prefill_prefix_hits_and_small_batches_change_nothing(folder, kwargs):
+    shared = prompts(1, seed=5)[0]["prompt_token_ids"] * 3
+    ps = [{"prompt_token_ids": shared + p["prompt_token_ids"]} for p in prompts(4)]
+    base = LLM(folder, block_size=4)
+    first = [o.outputs[0].token_ids for o in base.generate(ps, GREEDY)]
+    again = base.generate(ps, GREEDY)  # every prompt now starts with cached blocks
+    assert all(o.num_cached_tokens >= 4 * (len(shared) // 4) for o in again)
+    assert [o.outputs[0].token_ids for o in again] == first
+    other = LLM(folder, block_size=4, **kwargs)
+    assert [o.outputs[0].token_ids for o in other.generate(ps, GREEDY)] == first
+
+
+def test_preemption_recomputes_and_frees_every_block(folder):
+    # 12 blocks of 4 = 48 tokens for 6 sequences of up to ~35 tokens each: preemption is certain
+    llm = LLM(folder, block_size=4, max_model_len=48, kv_cache_memory=12 * 4 * llm_bytes(folder))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts(6), params)]
+    roomy = LLM(folder, block_size=4)
+    assert got == [o.outputs[0].token_ids for o in roomy.generate(prompts(6), params)]
+    assert llm.pool.num_free == llm.pool.num_blocks
+
+
+def llm_bytes(folder) -> int:
+    import openseek
+    cfg = openseek.ModelConfig.from_file(folder)
+    return cfg.num_hidden_layers * cfg.kv_cache_dim * 4
+
+
+def test_abort_frees_blocks(folder):
+    llm = LLM(folder, block_size=4)
+    for i, p in enumerate(prompts(4)):
+        llm.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    assert llm.pool.num_free < llm.pool.num_blocks
+    for i in range(4):
+        llm.abort(f"r{i}")
+    assert not llm.has_unfinished_requests()
+    assert llm.pool.num_free == llm.pool.num_blocks and all(c == 0 for c in llm.pool.ref_count)
+
+
+def test_step_deltas_concatenate_to_the_final_text(folder):
+    llm = LLM(folder)
+    llm.add_request("a", "Hello world", SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True))
+    text, tokens = "", []
+    while llm.has_unfinished_requests():
+        for d in llm.step():
+            text += d.new_text
+            tokens += d.new_token_ids
+            final = d
+    assert final.finished and final.finish_reason == "length" and len(tokens) == 20
+    assert text == llm.tokenizer.decode(tokens)
+
+
+def test_seeded_sampling_reproduces_whatever_the_batch(folder):
+    llm = LLM(folder)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate("The quick brown fox", p)[0].outputs[0].token_ids
+    crowd = ["User: Hello", "def forward(self, x):", "The quick brown fox", "你好"]
+    mixed = llm.generate(crowd, SamplingParams(temperature=1.0, seed=None, max_tokens=16, ignore_eos=True))
+    mixed = llm.generate(crowd[:2] + ["The quick brown fox"], p)
+    assert mixed[2].outputs[0].token_ids == alone
+    unseeded = [llm.generate("The quick brown fox", SamplingParams(temperature=1.0, max_tokens=16,
+                                                                     ignore_eos=True))[0].outputs[0].token_ids
+                for _ in range(3)]
+    assert len({tuple(u) for u in unseeded}) > 1  # without a seed, draws differ
+
+
+def first_new_substring(text: str, width: int = 2) -> int | None:
+    """An index k >= 1 where text[k:k+width] is clean text that does not occur earlier."""
+    for k in range(1, len(text) - width):
+        piece = text[k:k + width]
+        if "\ufffd" not in piece and text.find(piece) == k:
+            return k
+    return None
+
+
+def test_stop_string_is_trimmed(folder):
+    llm = LLM(folder)
+    params = SamplingParams(temperature=0.7, seed=0, max_tokens=40, ignore_eos=True)
+    for prompt in ["The quick", "Hello world", "def forward", "User: Hello", "Numbers 0123"]:
+        free = llm.generate(prompt, params)[0].outputs[0]
+        if (k := first_new_substring(free.text)) is not None:
+            break
+    assert k is not None, "the random model produced no usable stop string"
+    stop = free.text[k:k + 2]
+    o = llm.generate(prompt, SamplingParams(temperature=0.7, seed=0, max_tokens=40, ignore_eos=True,
+                                            stop=[stop, "never-generated"]))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.text == free.text[:k]
+
+
+def test_stop_token_ids_and_eos(folder):
+    llm = LLM(folder)
+    free = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    target = free.token_ids[4]
+    o = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[target]))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.token_ids == free.token_ids[: free.token_ids.index(target) + 1]
+
+
+def test_logprobs_are_returned(folder, reference):
+    llm = LLM(folder)
+    p = {"prompt_token_ids": [5, 6, 7, 8]}
+    o = llm.generate(p, SamplingParams(temperature=0, max_tokens=1, logprobs=3))[0].outputs[0]
+    with torch.no_grad():
+        want = reference(torch.tensor([p["prompt_token_ids"]])).logits[0, -1].log_softmax(-1)
+    lp = o.logprobs[0]
+    assert len(lp) == 3 and o.token_ids[0] in lp
+    for tok, v in lp.items():
+        assert v == pytest.approx(want[tok].item(), abs=1e-4)
+    assert set(lp) == set(want.topk(3).indices.tolist())
+
+
+def test_cache_bytes_are_capacity_times_latent_bytes(folder):
+    llm = LLM(folder, kv_cache_memory=1_000_000, block_size=8, max_model_len=1024)
+    cfg = llm.model.config
+    per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert llm.runner.cache_bytes == llm.token_capacity * per_token
+    assert llm.token_capacity == (1_000_000 // (8 * per_token)) * 8
+
+
+def test_bad_requests_are_rejected_and_nothing_accepted_is_lost(folder):
+    llm = LLM(folder, max_model_len=64)
+    llm.add_request("keep", "Hello", SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="max_model_len is 64"):
+        llm.add_request("long", {"prompt_token_ids": [5] * 64}, SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.add_request("oov", {"prompt_token_ids": [10**6]})
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.add_request("empty", {"prompt_token_ids": []})
+    with pytest.raises(ValueError, match="already in use"):
+        llm.add_request("keep", "again")
+    with pytest.raises(ValueError, match="max_model_len is 64"):
+        llm.generate(["fine", {"prompt_token_ids": [5] * 80}])
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert "keep" not in llm.requests and llm.pool.num_free == llm.pool.num_blocks
+
+
+def test_model_without_tokenizer_accepts_token_ids(tmp_path):
+    path = save_reference(build_reference("v2"), tmp_path / "bare")
+    llm = LLM(path)
+    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("text prompt")
