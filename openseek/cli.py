@@ -129,11 +129,56 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+# ---- generate --------------------------------------------------------------------------------------------------
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--model", required=True, metavar="PATH", help="Hugging Face model folder")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.set_defaults(run=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.engine import LLM
+    from .engine.sampler import SamplingParams
+
+    if not Path(args.model).is_dir():
+        raise UsageError(f"model path {args.model} is not a directory")
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_tokens=args.max_tokens, stop=args.stop)
+        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1)
+        prompt = args.prompt
+        if args.chat:
+            if llm.tokenizer is None:
+                raise ValueError("--chat needs a tokenizer.json in the model folder")
+            text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
+        llm.add_request("cli", prompt, params)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    while llm.has_unfinished_requests():
+        for delta in llm.step():
+            print(delta.new_text if llm.tokenizer else " ".join(map(str, delta.new_token_ids)) + " ",
+                  end="", flush=True)
+    print()
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openseek", description="DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_info(sub)  # generate / serve / train / ... register here the same way
+    add_info(sub)  # serve / train / ... register here the same way
+    add_generate(sub)
     return parser
 
 

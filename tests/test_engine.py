@@ -195,3 +195,17 @@ def test_model_without_tokenizer_accepts_token_ids(tmp_path):
     assert len(out[0].outputs[0].token_ids) == 4 and out[0].outputs[0].text == ""
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("text prompt")
+
+
+def test_cli_generate_streams_the_same_text(folder):
+    import subprocess
+    import sys
+    llm = LLM(folder)
+    want = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
+    run = subprocess.run([sys.executable, "-m", "openseek", "generate", "--model", str(folder), "--max-tokens", "8",
+                          "Hello"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == want.text + "\n"
+    bad = subprocess.run([sys.executable, "-m", "openseek", "generate", "--model", str(folder), "--temperature", "-1",
+                          "Hello"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "temperature=-1.0 is invalid" in bad.stderr
