@@ -85,3 +85,12 @@ def test_bfloat16_loads_and_runs(tmp_path):
     assert torch.isfinite(got).all()
     # bf16 carries ~3 significant digits; logits track float32 closely, not exactly.
     assert (got.float() - exact).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_long_prompt_on_the_padded_flash_path_matches(tmp_path):
+    from openseek.model import mla
+    ref, model, _ = reference_and_openseek(tmp_path, "v2", {}, {})
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
+    assert ids.shape[1] >= mla.FLASH_MIN_LEN
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=0)

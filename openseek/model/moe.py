@@ -77,9 +77,12 @@ class Experts(nn.Module):
         counts_E = torch.bincount(ids_NK.flatten(), minlength=self.w1.shape[0])
         token_of = order // K
         xs = x_ND[token_of]  # (N*K, D), grouped by expert
-        if hasattr(torch, "_grouped_mm") and not (torch.is_grad_enabled() and self.w1.requires_grad):
+        # grouped_mm visits every expert, empty or not: for a few tokens (decode) a loop over the hit ones is
+        # cheaper. It also has no working backward on CPU in torch 2.13.
+        if hasattr(torch, "_grouped_mm") and N * K >= len(counts_E) and \
+                not (torch.is_grad_enabled() and self.w1.requires_grad):
             ys = self._grouped(xs, counts_E)
-        else:  # grouped_mm has no working backward on CPU in torch 2.13
+        else:
             ys = self._looped(xs, counts_E)
         ys = ys * weights_NK.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))

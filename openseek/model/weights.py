@@ -7,11 +7,13 @@ built on the meta device, so peak memory is the model plus one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -123,27 +125,31 @@ def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot]
     cfg, params = model.config, model.state_dict()
     missing = sorted(set(expected) - set(files))
     unexpected, misshaped = [], []
+    by_file: dict[Path, list[str]] = defaultdict(list)
     for name, file in files.items():
-        if name.endswith(FP8_SCALE_SUFFIX) and name[: -len(FP8_SCALE_SUFFIX)] in files:
-            continue
-        m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
-        is_mtp = bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
-        if name not in expected:
-            if not (is_mtp and (not with_mtp or m.group(2) in MTP_SHARED)) and \
-                    not (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                unexpected.append(name)
-            continue
-        native, j = expected[name]
-        want = tuple(params[native].shape[1:] if j is not None else params[native].shape)
-        with _open(file) as st:
-            got = tuple(st.get_slice(name).get_shape())
-        if got != want:
-            misshaped.append(f"{name} in {file.name}: shape {list(got)}, expected {list(want)}")
+        by_file[file].append(name)
+    for file, names in by_file.items():
+        with _open(file) as st:  # headers only: one open per file
+            for name in names:
+                if name.endswith(FP8_SCALE_SUFFIX) and name[: -len(FP8_SCALE_SUFFIX)] in files:
+                    continue
+                m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
+                is_mtp = bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
+                if name not in expected:
+                    if not (is_mtp and (not with_mtp or m.group(2) in MTP_SHARED)) and \
+                            not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                        unexpected.append(name)
+                    continue
+                native, j = expected[name]
+                want = tuple(params[native].shape[1:] if j is not None else params[native].shape)
+                got = tuple(st.get_slice(name).get_shape())
+                if got != want:
+                    misshaped.append(f"{name} in {file.name}: shape {list(got)}, expected {list(want)}")
     problems = [f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"] if missing else []
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
     if misshaped:
-        problems.append("mis-shaped tensors: " + "; ".join(misshaped[:20]))
+        problems.append("mis-shaped tensors: " + "; ".join(sorted(misshaped)[:20]))
     if problems:
         raise ValueError("checkpoint does not match its config.json: " + " | ".join(problems))
 
@@ -183,16 +189,23 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in expected:
         by_file[files[name]].append(name)
-    with torch.no_grad():
+    handles: dict[Path, Any] = {}  # open files, for scales that sit in another shard (DeepSeek-V3#2)
+    stack = contextlib.ExitStack()
+
+    def read(name: str) -> torch.Tensor:
+        file = files[name]
+        if file not in handles:
+            handles[file] = stack.enter_context(_open(file))
+        return handles[file].get_tensor(name)
+
+    with stack, torch.no_grad():
         for file, names in by_file.items():
-            with _open(file) as st:
-                for name in names:
-                    t = st.get_tensor(name)
-                    if (scale := name + FP8_SCALE_SUFFIX) in files:
-                        with _open(files[scale]) as s2:  # may sit in another shard (DeepSeek-V3#2)
-                            t = dequantize_fp8(t, s2.get_tensor(scale), block)
-                    native, j = expected[name]
-                    (params[native] if j is None else params[native][j]).copy_(t)
+            for name in names:
+                t = read(name)
+                if (scale := name + FP8_SCALE_SUFFIX) in files:
+                    t = dequantize_fp8(t, read(scale), block)
+                native, j = expected[name]
+                (params[native] if j is None else params[native][j]).copy_(t)
     cfg.quantization_config = None  # weights are dequantised now
     cfg.torch_dtype = str(dtype).removeprefix("torch.")
     return model.eval()
