@@ -209,3 +209,18 @@ def test_cli_generate_streams_the_same_text(folder):
     bad = subprocess.run([sys.executable, "-m", "openseek", "generate", "--model", str(folder), "--temperature", "-1",
                           "Hello"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "temperature=-1.0 is invalid" in bad.stderr
+
+
+def test_prompt_logprobs_match_transformers_and_skip_the_prefix_cache(folder, reference):
+    llm = LLM(folder, block_size=4, max_num_batched_tokens=5)  # chunked prefill across the prompt
+    ids = prompts(1, seed=9)[0]["prompt_token_ids"] * 4
+    llm.generate({"prompt_token_ids": ids}, GREEDY)  # warm the prefix cache
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p in range(1, len(ids)):
+        entry = out.prompt_logprobs[p]
+        assert entry[ids[p]] == pytest.approx(want[p - 1, ids[p]].item(), abs=1e-4)
+        assert set(want[p - 1].topk(2).indices.tolist()) <= set(entry)
+    assert llm.pool.num_free == llm.pool.num_blocks

@@ -39,7 +39,7 @@ class Harness:
     def run(self) -> None:
         while self.sched.has_unfinished():
             batch = self.sched.schedule()
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch).sample_logits
             self.sched.after_step(batch)
             rows = iter(logits)
             for i, seq in enumerate(batch.seqs):

@@ -44,6 +44,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     new_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on the first delta, if asked; entry 0 is None
 
 
 @dataclass
@@ -67,6 +69,7 @@ class _Request:
     text: str = ""
     emitted: int = 0  # characters of text already returned in deltas
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
 
 
 class LLM:
@@ -124,7 +127,11 @@ class LLM:
         gen = torch.Generator(device=self.model.device)
         gen.manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
-        return _Request(Sequence(request_id, ids, max_tokens, params), params, gen, text, detok)
+        seq = Sequence(request_id, ids, max_tokens, params, needs_all_logits=params.prompt_logprobs is not None)
+        req = _Request(seq, params, gen, text, detok)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(ids)
+        return req
 
     def _enqueue(self, req: _Request) -> None:
         self.requests[req.seq.request_id] = req
@@ -143,13 +150,15 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        logits = self.runner.run(batch)
+        run = self.runner.run(batch)
+        for i, chunk in run.chunk_logits.items():
+            self._record_prompt_logprobs(self.requests[batch.seqs[i].request_id], chunk)
         self.scheduler.after_step(batch)
         sampling = [self.requests[seq.request_id] for i, seq in enumerate(batch.seqs) if batch.samples[i]]
         if not sampling:
             return []
         eos = self.tokenizer.eos_token_id if self.tokenizer else _as_int(self.model.config.eos_token_id)
-        result = sample(logits, [r.params for r in sampling], [r.generator for r in sampling],
+        result = sample(run.sample_logits, [r.params for r in sampling], [r.generator for r in sampling],
                         [r.seq.prompt_ids for r in sampling], [r.seq.output_ids for r in sampling], eos)
         outs = []
         for k, req in enumerate(sampling):
@@ -158,6 +167,21 @@ class LLM:
                 lp = {result.token_ids[k]: result.logprobs[k], **dict(result.top_logprobs[k])}
             outs.append(self._append(req, result.token_ids[k], lp, eos))
         return outs
+
+    def _record_prompt_logprobs(self, req: _Request, chunk: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that this prefill chunk's positions predict (entry 0 stays None)."""
+        seq, top_n = req.seq, req.params.prompt_logprobs
+        start, prompt = seq.num_computed, seq.prompt_ids
+        logp = chunk.log_softmax(-1)  # (n, V); row i predicts token start + i + 1
+        top_vals, top_ids = logp.topk(top_n, dim=-1) if top_n else (None, None)
+        for i in range(chunk.shape[0]):
+            p = start + i + 1
+            if p >= len(prompt) or req.prompt_logprobs[p] is not None:
+                continue  # a generated position, or recomputed after preemption
+            entry = {prompt[p]: logp[i, prompt[p]].item()}
+            if top_n:
+                entry.update(zip(top_ids[i].tolist(), top_vals[i].tolist()))
+            req.prompt_logprobs[p] = entry
 
     def _append(self, req: _Request, token: int, lp: dict[int, float] | None, eos: int | None) -> StepOutput:
         seq, params = req.seq, req.params
@@ -183,7 +207,9 @@ class LLM:
         hold = 0 if reason or not params.stop else max(map(len, params.stop)) - 1
         upto = max(req.emitted, len(req.text) - hold)
         new_text, req.emitted = req.text[req.emitted:upto], upto
-        return StepOutput(seq.request_id, [token], new_text, reason is not None, reason, [lp] if lp else None)
+        first = len(seq.output_ids) == 1
+        return StepOutput(seq.request_id, [token], new_text, reason is not None, reason, [lp] if lp else None,
+                          req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -234,7 +260,8 @@ class LLM:
                                     r.logprobs if r.params.logprobs is not None else None)
                    for j, r in enumerate(reqs)]
         first = reqs[0]
-        return RequestOutput(rid, first.prompt, first.seq.prompt_ids, outputs, True, first.seq.num_cached_prompt)
+        return RequestOutput(rid, first.prompt, first.seq.prompt_ids, outputs, True, first.seq.num_cached_prompt,
+                             first.prompt_logprobs if first.params.prompt_logprobs is not None else None)
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:

@@ -5,11 +5,19 @@ Shapes: N packed new tokens, B sequences, P blocks per sequence, V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..model import Transformer
 from ..model.batch import ForwardBatch
 from .scheduler import ScheduledBatch
+
+
+@dataclass(slots=True)
+class RunOutput:
+    sample_logits: torch.Tensor  # (S, V) float32, one row per sequence that samples, in batch order
+    chunk_logits: dict[int, torch.Tensor]  # batch index -> (n, V) float32 for every token of its prefill chunk
 
 
 class ModelRunner:
@@ -25,10 +33,10 @@ class ModelRunner:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run the scheduled tokens; logits (S, V) float32 of the sequences that sample, in batch order."""
+    def run(self, batch: ScheduledBatch) -> RunOutput:
+        """Run the scheduled tokens: logits of the sequences that sample, and of whole chunks where asked."""
         L = self.block_size
-        ids, positions, slots, last = [], [], [], []
+        ids, positions, slots, last, spans = [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start = seq.num_computed
             ids += [seq.token_at(p) for p in range(start, start + n)]
@@ -36,6 +44,8 @@ class ModelRunner:
             slots += [seq.block_table[p // L] * L + p % L for p in range(start, start + n)]
             if batch.samples[i]:
                 last.append(len(ids) - 1)
+            if seq.needs_all_logits and start < len(seq.prompt_ids):
+                spans.append((i, len(ids) - n, len(ids)))
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
         dev = self.kv_cache.device
@@ -49,6 +59,6 @@ class ModelRunner:
             block_size=L,
         )
         h = self.model.hidden_states_paged(torch.tensor(ids, dtype=torch.long, device=dev), fb, self.kv_cache)  # (N, D)
-        if not last:
-            return h.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
-        return self.model.logits(h[torch.tensor(last, device=dev)]).float()  # (S, V)
+        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (S, V)
+        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (n, V) per prefill chunk
+        return RunOutput(sample, chunks)

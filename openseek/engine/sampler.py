@@ -60,6 +60,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # normalised to list[int]
     ignore_eos: bool = False
     logprobs: int | None = None  # None, or 0..20: the sampled token's logprob plus the top-N
+    prompt_logprobs: int | None = None  # None, or 0..20: each prompt token's logprob plus the top-N
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -94,6 +95,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool")
         check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
+              f"an integer in [0, {MAX_LOGPROBS}], or None")
+        check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), "prompt_logprobs",
               f"an integer in [0, {MAX_LOGPROBS}], or None")
         check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "a bool")
 

@@ -85,7 +85,7 @@ class Scheduler:
         """Give a waiting sequence its cached prefix and blocks for its first chunk; 0 if it must wait."""
         # At least one token is always computed: its logits give the next token.
         hashes = seq.hashes_through(seq.num_tokens - 1, self.block_size)
-        hits, free_hits = self.pool.count_hits(hashes)
+        hits, free_hits = (0, 0) if seq.needs_all_logits else self.pool.count_hits(hashes)
         cached = hits * self.block_size
         n = min(seq.num_tokens - cached, budget)
         fresh = self._blocks_for(cached + n) - hits

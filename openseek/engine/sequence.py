@@ -28,6 +28,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks so far
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at the last admission
     arrival: int = 0  # admission order, kept across preemption so nobody starves
+    needs_all_logits: bool = False  # prompt logprobs: compute every prompt token, no prefix-cache hits
     finish_reason: str | None = None
 
     @property
