@@ -6,6 +6,8 @@ F expert hidden dim, G expert groups. Suffixes name the dims where several coexi
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,9 +105,15 @@ class Experts(nn.Module):
         return torch.cat(ys)
 
 
+RouteHook = Callable[["MoE", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # Set from outside by training code (balance losses, token dropping, load statistics): called as
+        # hook(moe, x_BSD, scores_NE, weights_NK, ids_NK) and returns the gate weights to use (N, K).
+        self.route_hook: RouteHook | None = None
         self.gate = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) \
@@ -113,7 +121,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_ND = x.flatten(0, -2)
-        weights_NK, ids_NK, _ = self.gate(x_ND)
+        weights_NK, ids_NK, scores_NE = self.gate(x_ND)
+        if self.route_hook is not None:
+            weights_NK = self.route_hook(self, x, scores_NE, weights_NK, ids_NK)
         y = self.experts(x_ND, weights_NK, ids_NK)
         if self.shared is not None:
             y = y + self.shared(x_ND)

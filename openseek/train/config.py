@@ -1,0 +1,124 @@
+"""TrainConfig: everything a training run depends on, as data; presets as dicts.
+
+CLI flags are derived from the fields (`openseek train --lr 3e-4 ...`), so every default lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+
+SCHEDULES = ("step", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    # model (ModelConfig fields; vocab_size comes from the tokenizer)
+    model: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int = 4096
+    init_std: float = 0.006  # V2 paper §3.1.2
+    # data
+    data: list[str] = field(default_factory=list)  # files or folders; empty: the Python standard library
+    val_fraction: float = 0.02
+    max_tokenizer_bytes: int = 20_000_000
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1
+    # optimisation (V2 paper: AdamW 0.9/0.95, wd 0.1, clip 1.0, warm-up then x0.316 at 60% and 90%)
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 100
+    schedule: str = "step"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    dtype: str = "float32"  # autocast dtype for the forward
+    seed: int = 0
+    # the MoE recipe (balance losses, device-limited routing via the router's groups, dropping, V3 options)
+    alpha1: float = 0.003
+    alpha2: float = 0.0
+    alpha3: float = 0.0
+    n_devices: int = 1
+    device_limit: int = 1
+    capacity_factor: float | None = None
+    drop_exempt_fraction: float = 0.1
+    seq_aux_alpha: float = 0.0
+    bias_update_speed: float = 0.0
+    # bookkeeping
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_last: int = 2
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = [
+            ("steps", self.steps >= 1, "must be >= 1"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+             "must be >= 1 and divide batch_size"),
+            ("seq_len", self.seq_len >= 2, "must be >= 2"), ("lr", self.lr > 0, "must be > 0"),
+            ("warmup", 0 <= self.warmup <= self.steps, "must lie in [0, steps]"),
+            ("schedule", self.schedule in SCHEDULES, f"allowed: {', '.join(SCHEDULES)}"),
+            ("dtype", self.dtype in DTYPES, f"allowed: {', '.join(DTYPES)}"),
+            ("clip", self.clip > 0, "must be > 0"), ("keep_last", self.keep_last >= 1, "must be >= 1"),
+            ("val_fraction", 0 < self.val_fraction < 1, "must lie in (0, 1)"),
+            ("device_limit", 1 <= self.device_limit <= self.n_devices, "must lie in [1, n_devices]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"train config {name}={getattr(self, name)!r} is invalid: {allowed}")
+
+    def model_config(self) -> ModelConfig:
+        """The architecture, with the vocabulary of the tokenizer and the run's device groups as router groups."""
+        m = dict(self.model)
+        m["vocab_size"] = self.vocab_size
+        m.setdefault("max_position_embeddings", max(4096, self.seq_len))
+        if self.n_devices > 1 and m.get("n_routed_experts"):  # device-limited routing = the V2 group limit
+            m.update(topk_method="group_limited_greedy", n_group=self.n_devices, topk_group=self.device_limit)
+        return ModelConfig(**m)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read train config {path}: {e}") from None
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"train config {path} has unknown fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+_TINY_MODEL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                   qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                   num_experts_per_tok=2, first_k_dense_replace=1, rope_scaling=None)
+_SMALL_MODEL = dict(hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32,
+                    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=2,
+                    num_experts_per_tok=2, first_k_dense_replace=1, rope_scaling=None)
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on 2 cores: tests and smoke runs
+    "tiny": dict(model=_TINY_MODEL, vocab_size=512, seq_len=64, batch_size=8, steps=20, lr=3e-3, warmup=2,
+                 eval_every=10, eval_batches=2, save_every=10, max_tokenizer_bytes=2_000_000),
+    # a few million parameters; minutes on 2 cores
+    "small": dict(model=_SMALL_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=600, lr=2e-3,
+                  warmup=50, n_devices=4, device_limit=2, alpha1=0.003, alpha2=0.05, alpha3=0.02),
+}
+
+
+def train_preset(name: str, **overrides: Any) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown train preset {name!r}: allowed: {', '.join(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})

@@ -1,0 +1,214 @@
+"""MoE training recipe applied from outside the model: balance losses, token dropping, load statistics, V3 bias.
+
+DeepSeek-V2 §2.2.3-§2.2.4 (expert-, device- and communication-level balance losses, device-level token dropping)
+and DeepSeek-V3 §2.1.2 (auxiliary-loss-free bias update, sequence-wise balance loss). Installed as the `route_hook`
+of every `MoE` layer, so the model stays training-agnostic.
+
+Shapes: B sequences, S tokens per sequence (the papers' T), N = B*S tokens, E routed experts (N_r), K experts per
+token (K_r), G device groups (the papers' D; experts of device d are the contiguous block d*E/G ... (d+1)*E/G - 1,
+the router's groups).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import MoE
+
+LOSS_NAMES = ("expert_balance", "device_balance", "comm_balance", "seq_balance")
+
+
+@dataclass(slots=True)
+class _LayerRecord:
+    """What one MoE layer saw since reset(): its losses (latest forward), loads and dropped pairs."""
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    load_E: torch.Tensor | None = None  # (token, expert) pairs selected per expert, before dropping
+    dropped: torch.Tensor | None = None
+    pairs: int = 0
+
+
+@dataclass
+class MoERecipe:
+    """Balance losses (alpha1/2/3, seq_aux_alpha), device-level dropping, V3 bias update (bias_update_speed)."""
+    alpha1: float = 0.0
+    alpha2: float = 0.0
+    alpha3: float = 0.0
+    n_devices: int = 1
+    device_limit: int = 1  # M: informational, the router's topk_group enforces it; scales the comm loss
+    capacity_factor: float | None = None  # None: never drop
+    drop_exempt_fraction: float = 0.1
+    seq_aux_alpha: float = 0.0
+    bias_update_speed: float = 0.0
+    _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
+    _records: dict[str, _LayerRecord] = field(default_factory=dict, init=False, repr=False)
+    _bias_load: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("alpha1", "alpha2", "alpha3", "seq_aux_alpha", "bias_update_speed"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r}: must be a finite number >= 0")
+        if not isinstance(self.n_devices, int) or self.n_devices < 1:
+            raise ValueError(f"n_devices={self.n_devices!r}: must be an integer >= 1")
+        if not isinstance(self.device_limit, int) or not 1 <= self.device_limit <= self.n_devices:
+            raise ValueError(f"device_limit={self.device_limit!r}: must be an integer in [1, n_devices={self.n_devices}]")
+        if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+            raise ValueError(f"capacity_factor={self.capacity_factor!r}: must be > 0, or None to never drop")
+        if not 0.0 <= self.drop_exempt_fraction <= 1.0:
+            raise ValueError(f"drop_exempt_fraction={self.drop_exempt_fraction!r}: must lie in [0, 1]")
+
+    # ---- wiring ------------------------------------------------------------------------------------------------
+
+    def install(self, model: nn.Module) -> None:
+        """Set this recipe as the route_hook of every MoE layer of `model`."""
+        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+        for name, moe in layers:
+            E = moe.gate.weight.shape[0]
+            if E % self.n_devices:
+                raise ValueError(f"n_devices={self.n_devices}: must divide n_routed_experts={E} (layer {name})")
+            if self.bias_update_speed > 0 and moe.gate.bias is None:
+                raise ValueError(f"bias_update_speed={self.bias_update_speed}: needs routers with a selection bias "
+                                 f"(topk_method 'noaux_tc'); layer {name} has none")
+        for name, moe in layers:
+            moe.route_hook = self._hook
+            self._names[id(moe)] = name
+
+    def remove(self, model: nn.Module) -> None:
+        """Unset the route_hook this recipe installed on `model`'s MoE layers."""
+        for m in model.modules():
+            if isinstance(m, MoE) and id(m) in self._names:
+                m.route_hook = None
+                name = self._names.pop(id(m))
+                self._records.pop(name, None)
+                self._bias_load.pop(name, None)
+
+    def reset(self) -> None:
+        """Forget losses, loads and drops (call before each forward). Bias-update loads persist until update_bias."""
+        self._records.clear()
+
+    # ---- results -----------------------------------------------------------------------------------------------
+
+    def step_losses(self) -> dict[str, torch.Tensor]:
+        """Each enabled balance loss, summed over layers, for each layer's latest forward (graph kept)."""
+        out: dict[str, torch.Tensor] = {}
+        for rec in self._records.values():
+            for k, v in rec.losses.items():
+                out[k] = out[k] + v if k in out else v
+        return out
+
+    def total_aux(self) -> torch.Tensor:
+        """The sum of step_losses() (a zero scalar when no loss is enabled)."""
+        losses = list(self.step_losses().values())
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per layer, over the forwards since reset(): load max/mean, CV of per-expert counts, dead experts, drops."""
+        out = {}
+        for name, rec in self._records.items():
+            load_E = rec.load_E.double()
+            mean = load_E.mean()
+            out[name] = {
+                "load_max_over_mean": (load_E.max() / mean).item() if mean > 0 else 0.0,
+                "load_cv": (load_E.std(correction=0) / mean).item() if mean > 0 else 0.0,  # population std
+                "dead_experts": float((load_E == 0).sum().item()),
+                "dropped_fraction": rec.dropped.item() / rec.pairs if rec.pairs else 0.0,
+            }
+        return out
+
+    def loads(self) -> dict[str, torch.Tensor]:
+        """Per-layer expert loads pending for update_bias (all-reduce these in place across data-parallel ranks)."""
+        return self._bias_load
+
+    @torch.no_grad()
+    def update_bias(self, model: nn.Module) -> None:
+        """V3 aux-loss-free rule after the optimizer step: b_i -= gamma * sign(load_i - mean load); clears the loads."""
+        if self.bias_update_speed == 0:
+            self._bias_load.clear()
+            return
+        for m in model.modules():
+            name = self._names.get(id(m)) if isinstance(m, MoE) else None
+            load_E = self._bias_load.pop(name, None) if name is not None else None
+            if load_E is None or m.gate.bias is None:
+                continue
+            load_E = load_E.float()
+            m.gate.bias.sub_(self.bias_update_speed * torch.sign(load_E - load_E.mean()).to(m.gate.bias.dtype))
+
+    # ---- the hook ----------------------------------------------------------------------------------------------
+
+    def _hook(self, moe: MoE, x: torch.Tensor, scores_NE: torch.Tensor, weights_NK: torch.Tensor,
+              ids_NK: torch.Tensor) -> torch.Tensor:
+        name = self._names[id(moe)]
+        N, E = scores_NE.shape
+        B = x.shape[0] if x.dim() == 3 else 1
+        S = N // B
+        rec = self._records.setdefault(name, _LayerRecord())
+        rec.losses = self._losses(scores_NE.view(B, S, E), ids_NK.view(B, S, -1))
+        load_E = torch.bincount(ids_NK.flatten(), minlength=E).detach()
+        rec.load_E = load_E if rec.load_E is None else rec.load_E + load_E
+        if self.bias_update_speed > 0:
+            prev = self._bias_load.get(name)
+            self._bias_load[name] = load_E if prev is None else prev + load_E
+        drop_NK = torch.zeros_like(ids_NK, dtype=torch.bool)
+        if moe.training and self.capacity_factor is not None:
+            drop_NK = self._drop_mask(scores_NE.detach().gather(1, ids_NK), ids_NK, E, B)
+            weights_NK = weights_NK.masked_fill(drop_NK, 0.0)
+        dropped = drop_NK.sum()
+        rec.dropped = dropped if rec.dropped is None else rec.dropped + dropped
+        rec.pairs += ids_NK.numel()
+        return weights_NK
+
+    def _losses(self, scores_BSE: torch.Tensor, ids_BSK: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The papers' losses, with T = one sequence (V2 §2.2.3, V3 eq. 17-20), averaged over the B sequences."""
+        B, S, E = scores_BSE.shape
+        K, G, M = ids_BSK.shape[-1], self.n_devices, self.device_limit
+        # f_i: selection frequency (indicators, no gradient); P_i: mean affinity (gradient into the router)
+        chosen_BSE = F.one_hot(ids_BSK, E).sum(2).float()  # (B, S, E), 1 where token t selects expert i
+        f_BE = chosen_BSE.sum(1) * E / (K * S)  # (B, E)
+        P_BE = scores_BSE.mean(1)  # (B, E)
+        out = {}
+        if self.alpha1 > 0:
+            out["expert_balance"] = self.alpha1 * (f_BE * P_BE).sum(-1).mean()
+        if self.alpha2 > 0 or self.alpha3 > 0:
+            P_BG = P_BE.view(B, G, E // G).sum(-1)  # P'_d = P''_d: summed over the device's experts
+            if self.alpha2 > 0:
+                f_BG = f_BE.view(B, G, E // G).mean(-1)  # f'_d: mean over the device's experts
+                out["device_balance"] = self.alpha2 * (f_BG * P_BG).sum(-1).mean()
+            if self.alpha3 > 0:
+                sent_BSG = chosen_BSE.view(B, S, G, E // G).amax(-1)  # (B, S, G), 1 if token t reaches device d
+                f_BG = sent_BSG.sum(1) * G / (M * S)  # f''_d
+                out["comm_balance"] = self.alpha3 * (f_BG * P_BG).sum(-1).mean()
+        if self.seq_aux_alpha > 0:
+            s_BSE = scores_BSE / scores_BSE.sum(-1, keepdim=True)  # s': normalised over all experts
+            out["seq_balance"] = self.seq_aux_alpha * (f_BE * s_BSE.mean(1)).sum(-1).mean()
+        return out
+
+    def _exempt(self, B: int, device: torch.device) -> torch.Tensor:
+        """(B,) True for the sequences never dropped: evenly spaced, floor(B * fraction) of them."""
+        b = torch.arange(B, device=device, dtype=torch.float64)
+        f = self.drop_exempt_fraction
+        return torch.floor((b + 1) * f + 1e-9) > torch.floor(b * f + 1e-9)
+
+    def _drop_mask(self, aff_NK: torch.Tensor, ids_NK: torch.Tensor, E: int, B: int) -> torch.Tensor:
+        """(N, K) True for the pairs dropped: on each over-budget device its lowest-affinity non-exempt pairs."""
+        N, K = ids_NK.shape
+        G = self.n_devices
+        budget = math.floor(self.capacity_factor * N * K / G + 1e-6)  # pairs per device; the average times the factor
+        dev = (ids_NK // (E // G)).flatten()  # (N*K,) device of each pair
+        exempt = self._exempt(B, ids_NK.device).repeat_interleave(N // B)[:, None].expand(N, K).flatten()
+        count_G = torch.bincount(dev, minlength=G)
+        cand_G = torch.bincount(dev[~exempt], minlength=G)
+        n_drop_G = (count_G - budget).clamp(min=0).minimum(cand_G)
+        # sort pairs by (device, affinity) with exempt pairs last in their device; drop the first n_drop of each
+        aff = aff_NK.flatten().masked_fill(exempt, float("inf"))
+        by_aff = aff.argsort(stable=True)
+        order = by_aff[dev[by_aff].argsort(stable=True)]
+        start_G = count_G.cumsum(0) - count_G
+        rank = torch.arange(N * K, device=dev.device) - start_G[dev[order]]
+        drop = torch.zeros(N * K, dtype=torch.bool, device=dev.device)
+        drop[order] = rank < n_drop_G[dev[order]]
+        return drop.view(N, K)

@@ -1,0 +1,105 @@
+"""Training end to end on a tiny preset and a small text corpus: overfitting, exact resume, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from openseek.train import data
+from openseek.train.config import train_preset
+from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_at, train_step
+from openseek.train.run import train
+from openseek.model import Transformer
+
+TEXT = ["def add(a, b):\n    return a + b\n" * 40, "class Point:\n    x: int\n    y: int\n" * 40,
+        "The quick brown fox jumps over the lazy dog.\n" * 60, "for i in range(10):\n    print(i)\n" * 50,
+        "import os\nimport sys\n\nprint(os.getcwd())\n" * 40]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i, t in enumerate(TEXT):
+        (root / f"doc{i}.py").write_text(t)
+    return root
+
+
+def tiny(corpus, **kw):
+    base = dict(data=[str(corpus)], vocab_size=300, seq_len=32, batch_size=4, steps=12, eval_every=6,
+                save_every=4, warmup=2, val_fraction=0.2)
+    return train_preset("tiny", **{**base, **kw})
+
+
+def test_tiny_model_overfits_one_batch():
+    cfg = train_preset("tiny", vocab_size=300, seq_len=32, batch_size=4, lr=3e-3, warmup=0, steps=60)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model_config())
+    init_weights(model, 0.02, 0)
+    model.train()
+    recipe = build_recipe(cfg)
+    recipe.install(model)
+    opt = build_optimizer(model, cfg)
+    x = torch.randint(0, 300, (4, 33))
+    batch = [(x[:, :-1], x[:, 1:])]
+    losses = [train_step(model, opt, recipe, batch, cfg, cfg.lr, torch.float32).loss for _ in range(60)]
+    assert losses[0] > 5.0 and losses[-1] < 0.5 * losses[0]
+
+
+def test_lr_schedule_is_warmup_then_two_steps_of_0316():
+    cfg = train_preset("tiny", steps=100, warmup=10, lr=1.0)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 59) == 1.0 and lr_at(cfg, 60) == pytest.approx(0.316)
+    assert lr_at(cfg, 90) == pytest.approx(0.316 ** 2)
+
+
+def read(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
+    cfg = tiny(corpus, capacity_factor=1.0, alpha2=0.05, alpha3=0.02, n_devices=4, device_limit=2)
+    whole = tmp_path / "whole"
+    train(cfg, whole, progress=False)
+    split = tmp_path / "split"
+    assert train(cfg, split, stop_at=5, progress=False) is None  # stops cleanly, no export yet
+    assert train(cfg, split, resume=True, progress=False) is not None
+    a = [(r["step"], r["loss"], r["aux"]) for r in read(whole) if r["kind"] == "train"]
+    b = [(r["step"], r["loss"], r["aux"]) for r in read(split) if r["kind"] == "train"]
+    assert len(a) == 12 and a == b  # bit for bit: model, optimiser, data position, RNG
+    va = [r["loss"] for r in read(whole) if r["kind"] == "val"]
+    assert va == [r["loss"] for r in read(split) if r["kind"] == "val"]
+    checkpoints = sorted((split / "checkpoints").glob("ckpt-*.pt"))
+    assert len(checkpoints) == 2  # keep_last
+
+
+def test_metrics_report_balance_losses_and_expert_load(corpus, tmp_path):
+    out = tmp_path / "m"
+    train(tiny(corpus, steps=3, alpha2=0.05, n_devices=2, device_limit=1), out, progress=False)
+    rec = [r for r in read(out) if r["kind"] == "train"][-1]
+    assert set(rec["aux"]) == {"expert_balance", "device_balance"}
+    assert rec["tokens_per_s"] > 0 and 0 < rec["mfu"] < 1
+    assert rec["moe"][0]["max_over_mean"] >= 1.0 and "dead" in rec["moe"][0]
+
+
+def test_export_loads_in_transformers_with_identical_logits(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import openseek
+    path = train(tiny(corpus, steps=4), tmp_path / "e", progress=False)
+    ours = openseek.load_pretrained(path)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-5, rtol=0)
+    llm = openseek.LLM(path)  # the engine serves it, tokenizer included
+    out = llm.generate("def add", openseek.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_bad_train_config_names_the_field():
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        train_preset("tiny", batch_size=8, grad_accum=3)
+    with pytest.raises(ValueError, match="unknown train preset 'huge'"):
+        train_preset("huge")
