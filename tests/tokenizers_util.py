@@ -5,18 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"  # <｜begin▁of▁sentence｜>: U+FF5C bars, U+2581 separators
-EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"  # <｜end▁of▁sentence｜>
-
-# DeepSeek-V2-Chat's tokenizer_config.json chat_template, verbatim (reference §7).
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+from openseek.train.data import BOS, EOS, tokenizer_config  # noqa: F401 (BOS and EOS are re-exported to tests)
 
 # Enough repeated English, code, CJK and emoji for the merges to span multi-byte characters.
 CORPUS = [
@@ -52,21 +41,9 @@ def write_test_tokenizer(path, vocab_size: int = 300, template: bool = True, bos
                                                            special_tokens=[(BOS, tok.token_to_id(BOS))])
     tok.save(str(path / "tokenizer.json"))
 
-    config = {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": {"__type": "AddedToken", "content": BOS, "lstrip": False, "normalized": True,
-                      "rstrip": False, "single_word": False},
-        "eos_token": {"__type": "AddedToken", "content": EOS, "lstrip": False, "normalized": True,
-                      "rstrip": False, "single_word": False},
-        "pad_token": {"__type": "AddedToken", "content": EOS, "lstrip": False, "normalized": True,
-                      "rstrip": False, "single_word": False},
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 16384,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    if template:
-        config["chat_template"] = CHAT_TEMPLATE
+    config = tokenizer_config(model_max_length=16384)
+    if not template:
+        del config["chat_template"]
     (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     size = tok.get_vocab_size(with_added_tokens=True)
     assert size <= vocab_size, f"trained {size} tokens, asked for at most {vocab_size}"
