@@ -96,11 +96,13 @@ class Experts(nn.Module):
         return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (N*K, D)
 
     def _looped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         ys, start = [], 0
         for e, c in enumerate(counts_E.tolist()):
             if c:
                 xe = xs[start:start + c]
-                ys.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
+                ys.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
                 start += c
         return torch.cat(ys)
 

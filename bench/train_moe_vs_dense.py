@@ -1,0 +1,122 @@
+"""DeepSeekMoE against a dense FFN of the same activated size, trained on the same tokens; and one training
+step of openseek against transformers' DeepseekV2ForCausalLM (same config, batch and data).
+
+    python bench/train_moe_vs_dense.py [--steps 300] [--out /tmp/openseek-bench/train]
+
+Both runs use the `small` preset's attention, tokenizer, data order and schedule; only the FFN differs. The
+step timing runs forward + backward + AdamW on identical weights and batches, openseek and transformers
+alternating, and checks that their losses agree first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import BENCH_DIR, machine_line, markdown_table
+
+from openseek.summary import count_parameters
+from openseek.train.config import train_preset
+from openseek.train.run import train
+
+
+def dense_twin(moe: dict) -> dict:
+    """The same model with every FFN dense, as wide as the MoE layers' activated experts (shared + top-k)."""
+    width = (moe["n_shared_experts"] + moe["num_experts_per_tok"]) * moe["moe_intermediate_size"]
+    return {**moe, "n_routed_experts": None, "intermediate_size": width, "first_k_dense_replace": 0}
+
+
+def run(name: str, cfg, out: Path) -> dict:
+    t0 = time.perf_counter()
+    train(cfg, out / name, progress=False)
+    seconds = time.perf_counter() - t0
+    recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if r["kind"] == "val"][-1]
+    tps = [r["tokens_per_s"] for r in recs if r["kind"] == "train"]
+    counts = count_parameters(cfg.model_config())
+    return {"name": name, "total": counts.total, "activated": counts.activated_excl_embedding,
+            "val_loss": val["loss"], "bpb": val.get("bpb", val.get("bpb_estimate")), "seconds": seconds,
+            "tokens_per_s": sorted(tps)[len(tps) // 2]}
+
+
+def step_timing(cfg, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of one training step (fwd + bwd + AdamW) for openseek and transformers, and the loss gap."""
+    import tempfile
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import openseek
+    from openseek.train.loop import init_weights
+
+    mcfg = cfg.model_config()
+    mcfg.bos_token_id, mcfg.eos_token_id = cfg.vocab_size - 2, cfg.vocab_size - 1
+    model = openseek.Transformer(mcfg)
+    init_weights(model, 0.02, 0)
+    with tempfile.TemporaryDirectory() as d:
+        openseek.save_pretrained(model, d)
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    model.train()
+    ref.train()
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inp, tgt = x[:, :-1], x[:, 1:]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (model, ref)]
+
+    def ours() -> float:
+        opts[0].zero_grad()
+        loss = F.cross_entropy(model(inp).flatten(0, 1), tgt.flatten())
+        loss.backward()
+        opts[0].step()
+        return loss.item()
+
+    def theirs() -> float:
+        opts[1].zero_grad()
+        loss = F.cross_entropy(ref(inp).logits.flatten(0, 1), tgt.flatten())
+        loss.backward()
+        opts[1].step()
+        return loss.item()
+
+    gap = abs(ours() - theirs())  # the first step runs on identical weights
+    times = {ours: [], theirs: []}
+    for _ in range(repeats):
+        for fn in (ours, theirs):
+            t = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - t)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return med(times[ours]), med(times[theirs]), gap
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default=str(BENCH_DIR / "train"))
+    p.add_argument("--step-repeats", type=int, default=5)
+    args = p.parse_args()
+    out = Path(args.out)
+    print(machine_line())
+    warmup = min(50, args.steps // 10)
+    moe_cfg = train_preset("small", steps=args.steps, eval_every=args.steps, save_every=args.steps, warmup=warmup)
+    dense_cfg = train_preset("small", steps=args.steps, eval_every=args.steps, save_every=args.steps, warmup=warmup,
+                             model=dense_twin(moe_cfg.model), alpha1=0.0, alpha2=0.0, alpha3=0.0, n_devices=1,
+                             device_limit=1)
+    ours_s, theirs_s, gap = step_timing(moe_cfg, args.step_repeats)
+    print(f"\none training step, batch {moe_cfg.batch_size} x {moe_cfg.seq_len} (loss gap on step 1: {gap:.1e}):")
+    print(markdown_table(["transformers s/step", "openseek s/step", "speed-up"],
+                         [[f"{theirs_s:.3f}", f"{ours_s:.3f}", f"{theirs_s / ours_s:.2f}x"]]))
+    rows = []
+    for name, cfg in (("DeepSeekMoE (fine-grained + shared)", moe_cfg), ("dense FFN, same activated size", dense_cfg)):
+        r = run(name.split()[0].lower(), cfg, out)
+        rows.append([name, f"{r['total'] / 1e6:.2f}M", f"{r['activated'] / 1e6:.2f}M", f"{r['val_loss']:.3f}",
+                     f"{r['bpb']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['seconds'] / 60:.1f}"])
+    print(f"\n{args.steps} steps x {moe_cfg.batch_size} x {moe_cfg.seq_len} tokens on the Python standard library:")
+    print(markdown_table(["model", "params", "activated (excl. embedding)", "val loss (nats/token)",
+                          "val bits/byte", "train tokens/s", "minutes"], rows))
+
+
+if __name__ == "__main__":
+    main()
