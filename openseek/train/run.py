@@ -11,7 +11,7 @@ import torch
 
 from ..model import Transformer
 from ..summary import count_parameters
-from . import data
+from . import data, distributed
 from .config import TrainConfig
 from .loop import (MetricsLog, build_optimizer, build_recipe, evaluate, export, init_weights, latest_checkpoint,
                    lr_at, measure_peak_flops, rng_state, save_checkpoint, set_rng_state, throughput, train_step)
@@ -22,6 +22,7 @@ class Prepared:
     tokenizer_dir: Path
     train: data.PackedDataset
     val: data.PackedDataset
+    train_bos_eos: tuple[int, int]  # the tokenizer's, written into the exported config.json
 
 
 def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
@@ -38,14 +39,18 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
         raise ValueError(f"{tok_dir} holds a tokenizer of vocab {tokenizer.vocab_size}, the config asks for "
                          f"{cfg.vocab_size}: use a fresh --out")
     return Prepared(tok_dir, data.pack_tokens(train_files, tokenizer, out / "data" / "train"),
-                    data.pack_tokens(val_files, tokenizer, out / "data" / "val"))
+                    data.pack_tokens(val_files, tokenizer, out / "data" / "val"),
+                    (tokenizer.bos_token_id, tokenizer.eos_token_id))
 
 
-def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dtype: torch.dtype) -> dict:
-    """Mean loss and bits per byte over the first eval_batches batches of the validation split."""
-    batches = data.validation_batches(ds, cfg.batch_size // cfg.grad_accum, cfg.seq_len)
+def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dtype: torch.dtype,
+               world: distributed.World = distributed.World()) -> dict:
+    """Mean loss and bits per byte over the first eval_batches batches of the validation split (rows split over ranks)."""
+    batches = data.validation_batches(ds, cfg.batch_size // cfg.grad_accum, cfg.seq_len, world.rank, world.size)
     limited = (b for i, b in zip(range(cfg.eval_batches), batches))
     nats, tokens = evaluate(model, limited, dtype)
+    total, tokens = distributed.sum_over_ranks([nats * tokens, tokens], world)
+    nats, tokens = total / max(tokens, 1), int(tokens)
     full = cfg.eval_batches * (cfg.batch_size // cfg.grad_accum) * cfg.seq_len >= ds.num_tokens
     rec = {"loss": nats, "tokens": tokens}
     if full:  # bits per byte needs the whole split's bytes
@@ -57,18 +62,33 @@ def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dty
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int | None = None,
           progress: bool = True) -> Path | None:
-    """Run (or continue) training; returns the exported model folder when the last step is reached."""
-    out = Path(out)
+    """Run (or continue) training; returns the exported model folder when the last step is reached.
+
+    Under torchrun every rank runs this (see distributed.py); rank 0 alone writes metrics, checkpoints and the export."""
+    world = distributed.setup()
+    try:
+        cfg.check_world(world.size)
+        return _train(cfg, Path(out), resume, stop_at, progress and world.is_main, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progress: bool,
+           world: distributed.World) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    prepared = prepare_data(cfg, out)
-    model = Transformer(cfg.model_config())
-    init_weights(model, cfg.init_std, cfg.seed)
+    prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
+    mcfg = cfg.model_config()
+    mcfg.bos_token_id, mcfg.eos_token_id = prepared.train_bos_eos
+    model = Transformer(mcfg)
+    init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
+    if cfg.expert_parallel:
+        distributed.shard_experts(model, world)
     model.train()
     recipe = build_recipe(cfg)
     recipe.install(model)
     opt = build_optimizer(model, cfg)
-    loader = data.TokenLoader(prepared.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    loader = data.TokenLoader(prepared.train, cfg.batch_size, cfg.seq_len, cfg.seed, world.rank, world.size)
     step = 0
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -77,43 +97,57 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int 
         state = torch.load(ckpt, weights_only=False)
         if state["config"] != cfg.to_dict():
             raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        distributed.load_full_state_dict(model, state["model"], world)
+        distributed.load_full_optimizer_state(opt, model, state["optimizer"], world)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step = state["step"]
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(out / "metrics.jsonl", step)
+    if world.is_main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log = MetricsLog(out / "metrics.jsonl", step) if world.is_main else None
     dtype = getattr(torch, cfg.dtype)
     counts = count_parameters(model.config)
     flops_per_token = 6 * counts.activated_excl_embedding
-    peak = measure_peak_flops(dtype)
+    peak = measure_peak_flops(dtype) * world.size if world.is_main else 0.0
+    sync = distributed.GradSync(model, recipe, world) if world.size > 1 else None
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     bar = _progress(progress, step, cfg.steps)
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // cfg.grad_accum // world.size
     while step < end:
         t0 = time.perf_counter()
         x, y = next(loader)
         batches = list(zip(x.split(micro), y.split(micro)))
         lr = lr_at(cfg, step)
-        res = train_step(model, opt, recipe, batches, cfg, lr, dtype)
+        res = train_step(model, opt, recipe, batches, cfg, lr, dtype, all_reduce=sync,
+                         clip_grad_norm=sync.clip_grad_norm if sync else None)
+        res = distributed.mean_step_result(res, world)
         step += 1
         rec = {"kind": "train", "step": step, "loss": res.loss, "aux": res.aux, "grad_norm": res.grad_norm,
                "lr": lr, **throughput(res.tokens, time.perf_counter() - t0, flops_per_token, peak),
                "moe": [{"layer": int(name.split(".")[1]), **_rename(s)} for name, s in recipe.stats().items()]}
-        if step % cfg.log_every == 0 or step == end:
+        if log is not None and (step % cfg.log_every == 0 or step == end):
             log.write(rec)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            log.write({"kind": "val", "step": step, **validation(model, cfg, prepared.val, dtype)})
-        if step % cfg.save_every == 0 or step == end:
-            save_checkpoint(out, step, {"step": step, "config": cfg.to_dict(), "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                                        "rng": rng_state()}, cfg.keep_last)
+            val = validation(model, cfg, prepared.val, dtype, world)
+            if log is not None:
+                log.write({"kind": "val", "step": step, **val})
+        if step % cfg.save_every == 0 or step == end:  # the single-device layout, gathered on rank 0
+            state = {"step": step, "config": cfg.to_dict(), "model": distributed.full_state_dict(model, world),
+                     "optimizer": distributed.full_optimizer_state(opt, model, world),
+                     "loader": loader.state_dict(), "rng": rng_state()}
+            if world.is_main:
+                save_checkpoint(out, step, state, cfg.keep_last)
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
     bar.close()
     recipe.remove(model)
-    return export(model, prepared.tokenizer_dir, out) if step >= cfg.steps else None
+    if step < cfg.steps:
+        return None
+    full = distributed.gathered_model(model, world)
+    if world.is_main:
+        export(full, prepared.tokenizer_dir, out)
+    distributed.barrier(world)  # every rank returns once the export is written
+    return out / "model"
 
 
 def _rename(s: dict) -> dict:
