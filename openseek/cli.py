@@ -173,12 +173,93 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench -----------------------------------------------------------------------------------------------------
+BENCHMARKS = ("forward", "throughput", "capacity")
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (openseek against transformers, one run)",
+                       description="Run bench/NAME.py from the source checkout; extra arguments go to the script.")
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script (see its --help)")
+    p.set_defaults(run=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    if not script.exists():
+        raise UsageError(f"{script} not found: the benchmarks ship with the source checkout, not the wheel")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+# ---- serve -----------------------------------------------------------------------------------------------------
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (completions, chat, models, metrics)",
+                       description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics. SIGTERM drains in-flight requests, then exits.")
+    p.add_argument("--model", required=True, metavar="PATH", help="Hugging Face model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+                                                   "(default: $OPENSEEK_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send "
+                                                                            "(default: PATH as given)")
+    p.add_argument("--price-input", type=float, default=None, metavar="X", help="price per million prompt tokens; "
+                                                                             "adds usage.cost")
+    p.add_argument("--price-output", type=float, default=None, metavar="Y", help="price per million completion tokens")
+    p.add_argument("--price-currency", default="USD", help="currency label of the prices (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    # None: the default of LLM / AsyncEngine applies, so it lives in one place
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences generated at once")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length: prompt + completion tokens")
+    p.add_argument("--max-waiting", type=int, default=None, help="queued sequences before requests get 429")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .engine.engine import LLM
+    from .server.app import build_app, serve
+    from .server.async_engine import AsyncEngine
+    from .server.protocol import Pricing
+
+    if not Path(args.model).is_dir():
+        raise UsageError(f"model path {args.model} is not a directory")
+    if (args.price_input is None) != (args.price_output is None):
+        raise UsageError("give both --price-input and --price-output, or neither")
+    api_key = args.api_key or os.environ.get("OPENSEEK_API_KEY") or None
+    pricing = None if args.price_input is None else Pricing(args.price_input, args.price_output, args.price_currency)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("openseek").warning("serving on %s without --api-key: anyone who can reach it can use it",
+                                              args.host)
+    llm_kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_model_len", args.max_model_len))
+              if v is not None}
+    try:
+        llm = LLM(args.model, dtype=args.dtype, **llm_kw)
+        engine = AsyncEngine(llm, **({} if args.max_waiting is None else {"max_waiting": args.max_waiting}))
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    app = build_app(engine, args.served_model_name or args.model, api_key, pricing)
+    serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openseek", description="DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info(sub)  # serve / train / ... register here the same way
     add_generate(sub)
+    add_serve(sub)
+    add_bench(sub)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""The HTTP layer: FastAPI routes, SSE, bearer-key auth, OpenAI-style errors, /health, /metrics, and `serve`.
+
+    llm = LLM(model=PATH)
+    serve(build_app(AsyncEngine(llm), model_name="tiny"), host="127.0.0.1", port=8000)
+
+SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits; a second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as p
+from .async_engine import AsyncEngine
+from .metrics import Metrics
+from .serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream that calls on_close however it ends: a client gone before or mid-stream is cleaned up."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self.on_close()
+
+
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              pricing: p.Pricing | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine loop."""
+    metrics = Metrics(lambda: engine.stats)
+    serving = OpenAIServing(engine, model_name, metrics, pricing)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="openseek", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+    _add_error_handlers(app, metrics)
+    auth = [Depends(_bearer_check(api_key))] if api_key else []
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.draining or not engine.alive:
+            return JSONResponse({"status": "draining" if engine.draining else "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": p.now(), "owned_by": "openseek",
+                "max_model_len": engine.llm.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: p.CompletionRequest, raw: Request) -> Response:
+        job = await serving.create_completion(req)
+        metrics.requests.labels("/v1/completions", "200").inc()
+        if req.stream:
+            return SSEResponse(serving.stream_completion(req, job), on_close=lambda: serving.abort(job))
+        try:
+            if not await _finished_before_hangup(raw, serving.collect(job)):
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        finally:
+            serving.abort(job)  # a no-op unless the client left or the handler was cancelled
+        return JSONResponse(serving.completion_response(req, job))
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(req: p.ChatCompletionRequest, raw: Request) -> Response:
+        job = await serving.create_chat(req)
+        metrics.requests.labels("/v1/chat/completions", "200").inc()
+        if req.stream:
+            return SSEResponse(serving.stream_chat(req, job), on_close=lambda: serving.abort(job))
+        try:
+            if not await _finished_before_hangup(raw, serving.collect(job)):
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        finally:
+            serving.abort(job)  # a no-op unless the client left or the handler was cancelled
+        return JSONResponse(serving.chat_response(req, job))
+
+    return app
+
+
+async def _finished_before_hangup(raw: Request, work) -> bool:
+    """Run `work` unless the client hangs up first; then cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def hung_up() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # re-raises what the work raised
+    return True
+
+
+def _bearer_check(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request) -> None:
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, expected):
+            message = "missing API key: send 'Authorization: Bearer KEY'" if not got else "incorrect API key"
+            raise p.APIError(401, message, None, "invalid_api_key")
+
+    return check
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def reply(request: Request, status: int, body: dict) -> JSONResponse:
+        route = request.scope.get("route")  # unmatched paths share one label: clients cannot grow the registry
+        metrics.requests.labels(route.path if route else "unmatched", str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(p.APIError)
+    async def api_error(request: Request, e: p.APIError) -> JSONResponse:
+        return reply(request, e.status, e.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            return reply(request, 400, p.error_body(message, code="json_invalid"))
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return reply(request, 400, p.error_body(message, param=param, code=first.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return reply(request, e.status_code, p.error_body(str(e.detail), code=str(e.status_code)))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        # Starlette re-raises after this reply, so the traceback reaches the server log, never the client
+        return reply(request, 500, p.error_body(f"internal server error: {type(e).__name__}", "server_error"))
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run `app` under uvicorn until SIGTERM / SIGINT, draining in-flight requests before exiting."""
+    import uvicorn
+
+    engine: AsyncEngine = app.state.engine
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if engine.draining:  # a second signal: stop now
+                self.force_exit = self.should_exit = True
+                return
+            logger.info("signal %s: draining in-flight requests (send it again to stop at once)", sig)
+            engine.drain(on_idle=self._stop)
+
+        def _stop(self) -> None:
+            self.should_exit = True  # the server's main loop polls this flag
+
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()

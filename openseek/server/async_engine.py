@@ -1,0 +1,237 @@
+"""The one engine loop: a background thread owns the LLM; asyncio handlers talk to it through queues.
+
+The LLM is not thread-safe, so every add_request / abort / step happens on the loop thread. Handlers put commands
+on a thread-safe queue; each step's deltas go back to per-request asyncio queues through one
+`loop.call_soon_threadsafe` per step. Admission is bounded: when the engine's waiting queue is full a request is
+refused (QueueFull -> 429) instead of growing memory without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_waiting sequences: the client should retry later."""
+
+
+class Draining(Exception):
+    """The server is shutting down: it finishes what it has and accepts nothing new."""
+
+
+class EngineFailed(Exception):
+    """A step raised; the requests in flight were aborted."""
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    cache_usage: float = 0.0  # fraction of cache blocks held by sequences
+    generation_tokens: int = 0  # since start, aborted requests' included
+
+
+@dataclass(slots=True)
+class _Add:
+    requests: list[tuple[str, Any, Any]]  # (request_id, prompt, SamplingParams)
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_ids: list[str]
+
+
+@dataclass(slots=True)
+class _Drain:
+    on_idle: Callable[[], None]
+
+
+class AsyncEngine:
+    """Drives `llm` (an openseek.LLM) from one thread; `add` and `abort` may be called from any event loop."""
+
+    def __init__(self, llm, max_waiting: int = 256):
+        if not isinstance(max_waiting, int) or max_waiting < 1:
+            raise ValueError(f"max_waiting={max_waiting!r} is invalid: must be a positive integer")
+        self.llm = llm
+        self.max_waiting = max_waiting
+        self.stats = EngineStats()  # replaced (never mutated) by the loop thread after every iteration
+        self.draining = False
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # SimpleQueue.put is safe in signal handlers
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._on_idle: Callable[[], None] | None = None
+        self._thread: threading.Thread | None = None
+        self._generation_tokens = 0
+
+    # ---- called from handlers ----------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def add(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
+        """Queue (request_id, prompt, params) triples, all or none; their StepOutputs arrive on the returned queue.
+
+        Raises ValueError (a request the engine rejects), QueueFull or Draining.
+        """
+        if not self.alive:
+            raise EngineFailed("the engine loop is not running")
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        done = loop.create_future()
+        self._commands.put(_Add(requests, deltas, loop, done))
+        try:
+            await done
+        except asyncio.CancelledError:  # the client left while we waited: the requests may have been added
+            self.abort([rid for rid, _, _ in requests])
+            raise
+        return deltas
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._commands.put(_Abort(list(request_ids)))
+
+    def drain(self, on_idle: Callable[[], None]) -> None:
+        """Refuse new requests from now on; call on_idle (from the loop thread) once nothing is in flight."""
+        self.draining = True
+        self._commands.put(_Drain(on_idle))
+
+    def start(self) -> None:
+        assert self._thread is None, "the engine loop is already started"
+        self._thread = threading.Thread(target=self._run, name="openseek-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop thread, aborting whatever is still in flight."""
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join()
+
+    # ---- the loop thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself: nobody would ever answer the handlers otherwise
+            logger.exception("the engine loop died")
+            self._fail_all(EngineFailed(f"the engine loop died: {type(e).__name__}: {e}"), abort=False)
+            for cmd in self._next_commands(block=False):
+                if isinstance(cmd, _Add):
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, EngineFailed("the engine loop died"))
+            raise
+
+    def _loop(self) -> None:
+        llm = self.llm
+        while True:
+            for cmd in self._next_commands(block=not llm.has_unfinished_requests()):
+                if cmd is _STOP:
+                    self._fail_all(Draining("the server stopped before the request finished"))
+                    return
+                self._handle(cmd)
+            if llm.has_unfinished_requests():
+                try:
+                    outs = llm.step()
+                except Exception as e:  # a bug, not a bad request: fail what is in flight and keep serving
+                    logger.exception("engine step failed; aborting %d requests", len(self._streams))
+                    self._fail_all(EngineFailed(f"the engine failed while generating: {type(e).__name__}: {e}"))
+                    outs = []
+                self._publish()
+                self._dispatch(outs)
+            else:
+                self._publish()
+            if self._on_idle is not None and not llm.has_unfinished_requests():
+                on_idle, self._on_idle = self._on_idle, None
+                on_idle()
+
+    def _next_commands(self, block: bool) -> list:
+        cmds = [self._commands.get()] if block else []
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _handle(self, cmd) -> None:
+        if isinstance(cmd, _Abort):
+            for rid in cmd.request_ids:
+                self.llm.abort(rid)
+                self._streams.pop(rid, None)
+        elif isinstance(cmd, _Drain):
+            self._on_idle = cmd.on_idle
+        else:
+            self._add(cmd)
+
+    def _add(self, cmd: _Add) -> None:
+        error = self._admission_error(len(cmd.requests))
+        added = []
+        if error is None:
+            try:
+                for rid, prompt, params in cmd.requests:
+                    self.llm.add_request(rid, prompt, params)
+                    added.append(rid)
+            except Exception as e:  # ValueError names the problem; anything else is reported, not raised here
+                error = e
+                for rid in added:
+                    self.llm.abort(rid)
+        if error is None:
+            for rid in added:
+                self._streams[rid] = (cmd.loop, cmd.queue)
+        cmd.loop.call_soon_threadsafe(_resolve, cmd.done, error)
+
+    def _admission_error(self, n: int) -> Exception | None:
+        if self.draining:
+            return Draining("the server is shutting down and accepts no new requests")
+        if n > self.max_waiting:
+            return ValueError(f"the request asks for {n} sequences (prompts x n); at most max_waiting="
+                              f"{self.max_waiting} can be queued")
+        waiting = len(self.llm.scheduler.waiting)
+        if waiting + n > self.max_waiting:
+            return QueueFull(f"the waiting queue is full ({waiting} of {self.max_waiting} sequences); retry later")
+        return None
+
+    def _dispatch(self, outs: list) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            self._generation_tokens += len(out.new_token_ids)
+            stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _fail_all(self, error: Exception, abort: bool = True) -> None:
+        streams, self._streams = self._streams, {}
+        for loop, q in streams.values():
+            loop.call_soon_threadsafe(q.put_nowait, error)
+        if abort:
+            for rid in streams:
+                self.llm.abort(rid)
+            self._publish()
+
+    def _publish(self) -> None:
+        s = self.llm.scheduler
+        self.stats = EngineStats(len(s.waiting), len(s.running), self.llm.pool.usage(), self._generation_tokens)
+
+
+def _resolve(fut: asyncio.Future, error: Exception | None) -> None:
+    if fut.done():  # the handler was cancelled; it aborts the requests itself
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _put_all(items: list) -> None:
+    for q, out in items:
+        q.put_nowait(out)

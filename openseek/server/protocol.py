@@ -1,0 +1,273 @@
+"""OpenAI API schemas: requests as pydantic models, their SamplingParams, prompts, and the response objects.
+
+Every problem a client can cause becomes an `APIError`: an HTTP status plus OpenAI's error body
+{"error": {"message", "type", "param", "code"}}. Field names and defaults follow OpenAI's API; the extra sampling
+fields (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens) follow
+vLLM's extensions.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from ..engine.sampler import SamplingParams
+
+TokenStr = Callable[[int], str]  # token id -> its text, as shown in logprobs
+
+
+class APIError(Exception):
+    """A request the server refuses, answered with `status` and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass(slots=True, frozen=True)
+class Pricing:
+    input: float  # per million prompt tokens
+    output: float  # per million completion tokens
+    currency: str = "USD"
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """The fields both endpoints share."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+
+    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                names: dict[str, str] | None = None) -> SamplingParams:
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        fields = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k", "min_p",
+                  "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+        kw: dict[str, Any] = {k: v for k in fields if (v := getattr(self, k)) is not None}
+        kw.update(max_tokens=max_tokens, logprobs=logprobs)
+        if prompt_logprobs is not None:
+            kw["prompt_logprobs"] = prompt_logprobs
+        if not isinstance(self.n, int) or self.n < 1:
+            raise APIError(400, f"n={self.n!r} is invalid: must be an integer >= 1", "n")
+        try:
+            return SamplingParams(**kw)  # n stays 1: the server submits n engine requests itself
+        except (ValueError, TypeError) as e:  # the message names the field: "top_p=2.0 is invalid: ..."
+            match = re.match(r"(\w+)=", str(e))
+            param = match.group(1) if match else None
+            raise APIError(400, str(e), (names or {}).get(param, param)) from e
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def to_params(self) -> SamplingParams:
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, f"best_of={self.best_of} is not supported: only best_of == n", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 is only allowed with echo=true (scoring the prompt)", "max_tokens")
+        # max_tokens=0 with echo scores the prompt: one token is generated and not returned
+        max_tokens = 1 if self.max_tokens == 0 else self.max_tokens
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._params(max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def _items(self) -> list:
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self._items)
+
+    def prompts(self, tokenizer) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt: a string, a list of token ids, or a list of either."""
+        items = self._items
+        if not items:
+            raise APIError(400, "prompt is empty", "prompt")
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise APIError(400, "this model folder has no tokenizer.json: send prompts as token ids", "prompt")
+                out.append((item, tokenizer.encode(item)))
+            else:
+                out.append((None, list(item)))
+        return out
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def for_template(self, i: int) -> dict:
+        """The message as the chat template sees it: content flattened to one string (text parts joined by \\n)."""
+        content = self.content
+        if isinstance(content, list):
+            if bad := [p.type for p in content if p.type != "text" or p.text is None]:
+                raise APIError(400, f"messages[{i}] has a content part of type {bad[0]!r}; only text parts are "
+                                    "supported", f"messages.{i}.content")
+            content = "\n".join(p.text for p in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or "",
+                **({"name": self.name} if self.name else {})}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    response_format: dict | None = None
+
+    def to_params(self) -> SamplingParams:
+        if self.tools:
+            raise APIError(400, "tools are not supported", "tools")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise APIError(400, "response_format other than {'type': 'text'} is not supported", "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        use_completion = self.max_completion_tokens is not None
+        max_tokens = self.max_completion_tokens if use_completion else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if use_completion else "max_tokens"}
+        return self._params(max_tokens, logprobs, names=names)
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The rendered chat template, tokenized; the template already starts with BOS."""
+        if tokenizer is None:
+            raise APIError(400, "this model folder has no tokenizer.json, so it cannot render chat messages; use "
+                                "/v1/completions with token ids", "messages")
+        if not self.messages:
+            raise APIError(400, "messages is empty", "messages")
+        messages = [m.for_template(i) for i, m in enumerate(self.messages)]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from e
+        return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---- responses -----------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, pricing: Pricing | None) -> dict:
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if pricing is not None:
+        cin, cout = prompt_tokens * pricing.input / 1e6, completion_tokens * pricing.output / 1e6
+        out["cost"] = {"input": cin, "output": cout, "total": cin + cout, "currency": pricing.currency}
+    return out
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, float] | None], token_str: TokenStr,
+                        offset: int = 0) -> dict:
+    """The legacy completions logprobs object; an entry of None (the first prompt token) gives null logprobs."""
+    tokens = [token_str(t) for t in token_ids]
+    offsets = []
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e[t] for t, e in zip(token_ids, entries)],
+            "top_logprobs": [None if e is None else {token_str(k): v for k, v in e.items()} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, float]], top_n: int, token_str: TokenStr,
+                  token_bytes: Callable[[int], bytes]) -> dict:
+    """The chat logprobs object: each sampled token with the top_n most likely ones."""
+
+    def item(t: int, lp: float) -> dict:
+        return {"token": token_str(t), "logprob": lp, "bytes": list(token_bytes(t))}
+
+    content = []
+    for t, e in zip(token_ids, entries):
+        top = sorted(e.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({**item(t, e[t]), "top_logprobs": [item(k, v) for k, v in top]})
+    return {"content": content}
+
+
+FinishReason = Literal["stop", "length", "abort"] | None
+
+
+def completion_choice(index: int, text: str, finish_reason: FinishReason, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: FinishReason, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_delta_choice(index: int, delta: dict, finish_reason: FinishReason, logprobs: dict | None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def response(object: str, id: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
+    """A completion / chat.completion / *.chunk object; usage None is left out (streamed chunks)."""
+    out = {"id": id, "object": object, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
