@@ -252,6 +252,67 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train / plot ----------------------------------------------------------------------------------------------
+def add_train(sub: argparse._SubParsersAction) -> None:
+    import dataclasses
+
+    from .train.config import TRAIN_PRESETS, TrainConfig
+
+    p = sub.add_parser("train", help="pre-train an MLA + DeepSeekMoE model with the DeepSeek-V2 recipe",
+                       description="Every TrainConfig field is a flag; unset flags keep the preset's value.")
+    p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(TRAIN_PRESETS)} (default: tiny)")
+    p.add_argument("--config", metavar="FILE", help="a TrainConfig JSON file (instead of --preset)")
+    p.add_argument("--out", default="out", help="output folder: metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--stop-at", type=int, default=None, metavar="K", help="stop cleanly after step K")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(TrainConfig):  # flags derived from the fields: defaults live in one place
+        kind = {int: int, float: float, str: str, "int": int, "float": float, "str": str}.get(f.type)
+        if f.name == "data":
+            p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders")
+        elif kind is not None or f.type in ("float | None",):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind or float, default=None)
+    p.set_defaults(run=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train.config import TrainConfig, train_preset
+    from .train.run import train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    try:
+        if args.config:
+            base = TrainConfig.from_file(args.config).to_dict()
+            cfg = TrainConfig(**{**base, **overrides})
+        else:
+            cfg = train_preset(args.preset, **overrides)
+        path = train(cfg, args.out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    print(f"exported {path}" if path else f"stopped; continue with --resume --out {args.out}")
+    return 0
+
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="loss curves and the expert-load heat map of a training run (PNG)")
+    p.add_argument("out", help="the --out folder of `openseek train`")
+    p.set_defaults(run=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot
+
+    try:
+        for path in plot(args.out):
+            print(path)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openseek", description="DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch")
@@ -260,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_serve(sub)
     add_bench(sub)
+    add_train(sub)
+    add_plot(sub)
     return parser
 
 

@@ -103,3 +103,21 @@ def test_bad_train_config_names_the_field():
         train_preset("tiny", batch_size=8, grad_accum=3)
     with pytest.raises(ValueError, match="unknown train preset 'huge'"):
         train_preset("huge")
+
+
+def test_cli_train_resume_and_plot(corpus, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "cli"
+    base = [sys.executable, "-m", "openseek", "train", "--preset", "tiny", "--data", str(corpus), "--vocab-size",
+            "300", "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--warmup", "1", "--save-every", "2",
+            "--eval-every", "2", "--out", str(out), "--no-progress"]
+    first = subprocess.run(base + ["--stop-at", "2"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "stopped" in first.stdout, first.stderr
+    second = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "exported" in second.stdout, second.stderr
+    assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
+    plot = subprocess.run([sys.executable, "-m", "openseek", "plot", str(out)], capture_output=True, text=True)
+    assert plot.returncode == 0 and (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").exists()
+    bad = subprocess.run(base + ["--grad-accum", "3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "grad_accum=3" in bad.stderr
