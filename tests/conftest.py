@@ -65,3 +65,14 @@ def to_hub_config(path: Path) -> None:
 @pytest.fixture
 def tiny_v2(tmp_path) -> Path:
     return save_reference(build_reference("v2"), tmp_path / "v2")
+
+
+def build_tiny_folder(path: Path):
+    """A tiny V2 checkpoint with a byte-level BPE tokenizer and V2-Chat's template: (folder, reference model)."""
+    from tokenizers_util import write_test_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = write_test_tokenizer(path)
+    ref = build_reference("v2", q_lora_rank=24, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    save_reference(ref, path)
+    return path, ref

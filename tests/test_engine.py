@@ -5,21 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_reference, save_reference
+from conftest import build_reference, build_tiny_folder, save_reference
 from openseek import LLM, SamplingParams
-from tokenizers_util import write_test_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("engine") / "tiny"
-    path.mkdir()
-    vocab = write_test_tokenizer(path)
-    ref = build_reference("v2", q_lora_rank=24, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
-    save_reference(ref, path)
-    return path
+    return build_tiny_folder(tmp_path_factory.mktemp("engine") / "tiny")[0]
 
 
 @pytest.fixture(scope="module")

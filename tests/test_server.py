@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_reference, save_reference
+from conftest import build_tiny_folder
 from openseek import LLM, SamplingParams
-from tokenizers_util import BOS, write_test_tokenizer
+from tokenizers_util import BOS
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -35,12 +35,7 @@ PROMPTS = ["The quick brown fox", "Hello, how are you", "def forward(self, x):",
 # ---- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("server") / "tiny"
-    path.mkdir()
-    vocab = write_test_tokenizer(path)
-    ref = build_reference("v2", q_lora_rank=24, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
-    save_reference(ref, path)
-    return path, ref
+    return build_tiny_folder(tmp_path_factory.mktemp("server") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -81,31 +81,28 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 "max_model_len": engine.llm.max_model_len}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: p.CompletionRequest, raw: Request) -> Response:
-        job = await serving.create_completion(req)
-        metrics.requests.labels("/v1/completions", "200").inc()
+    async def respond(route: str, req, raw: Request, job, stream, response) -> Response:
+        """Stream the job as SSE, or wait for it unless the client hangs up first."""
+        metrics.requests.labels(route, "200").inc()
         if req.stream:
-            return SSEResponse(serving.stream_completion(req, job), on_close=lambda: serving.abort(job))
+            return SSEResponse(stream(req, job), on_close=lambda: serving.abort(job))
         try:
             if not await _finished_before_hangup(raw, serving.collect(job)):
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         finally:
             serving.abort(job)  # a no-op unless the client left or the handler was cancelled
-        return JSONResponse(serving.completion_response(req, job))
+        return JSONResponse(response(req, job))
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: p.CompletionRequest, raw: Request) -> Response:
+        job = await serving.create_completion(req)
+        return await respond("/v1/completions", req, raw, job, serving.stream_completion,
+                             serving.completion_response)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(req: p.ChatCompletionRequest, raw: Request) -> Response:
         job = await serving.create_chat(req)
-        metrics.requests.labels("/v1/chat/completions", "200").inc()
-        if req.stream:
-            return SSEResponse(serving.stream_chat(req, job), on_close=lambda: serving.abort(job))
-        try:
-            if not await _finished_before_hangup(raw, serving.collect(job)):
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        finally:
-            serving.abort(job)  # a no-op unless the client left or the handler was cancelled
-        return JSONResponse(serving.chat_response(req, job))
+        return await respond("/v1/chat/completions", req, raw, job, serving.stream_chat, serving.chat_response)
 
     return app
 
