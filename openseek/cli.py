@@ -270,6 +270,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         kind = {int: int, float: float, str: str, "int": int, "float": float, "str": str}.get(f.type)
         if f.name == "data":
             p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders")
+        elif f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
         elif kind is not None or f.type in ("float | None",):
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind or float, default=None)
     p.set_defaults(run=cmd_train)

@@ -50,6 +50,8 @@ class TrainConfig:
     drop_exempt_fraction: float = 0.1
     seq_aux_alpha: float = 0.0
     bias_update_speed: float = 0.0
+    # parallelism over the ranks of `torchrun` (data parallel always; this splits the routed experts too)
+    expert_parallel: bool = False
     # bookkeeping
     eval_every: int = 100
     eval_batches: int = 8
@@ -74,6 +76,19 @@ class TrainConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"train config {name}={getattr(self, name)!r} is invalid: {allowed}")
+
+    def check_world(self, world_size: int) -> None:
+        """Raise ValueError unless the batch (and with expert_parallel the experts) split over world_size ranks."""
+        micro = self.batch_size // self.grad_accum
+        if micro % world_size:
+            raise ValueError(f"batch_size={self.batch_size} / grad_accum={self.grad_accum} = {micro} sequences per "
+                             f"micro-batch must be divisible by world_size={world_size}")
+        if self.expert_parallel:
+            E = self.model_config().n_routed_experts
+            if not E:
+                raise ValueError("expert_parallel=True needs a MoE model; n_routed_experts is null (all layers dense)")
+            if E % world_size:
+                raise ValueError(f"expert_parallel=True: world_size={world_size} must divide n_routed_experts={E}")
 
     def model_config(self) -> ModelConfig:
         """The architecture, with the vocabulary of the tokenizer and the run's device groups as router groups."""

@@ -78,8 +78,9 @@ def lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, dtype: torch.d
 
 
 def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe, micro_batches: list,
-               cfg: TrainConfig, lr: float, dtype: torch.dtype, all_reduce=None) -> StepResult:
-    """One optimizer step over grad_accum micro-batches; `all_reduce` averages gradients across ranks."""
+               cfg: TrainConfig, lr: float, dtype: torch.dtype, all_reduce=None, clip_grad_norm=None) -> StepResult:
+    """One optimizer step over grad_accum micro-batches; `all_reduce(model)` averages gradients across ranks and
+    `clip_grad_norm(model, max_norm) -> norm` replaces the local clipping when parameters are sharded."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -95,7 +96,10 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe
         tokens += y.numel()
     if all_reduce is not None:
         all_reduce(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=False).item()
+    if clip_grad_norm is not None:
+        grad_norm = clip_grad_norm(model, cfg.clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=False).item()
     opt.step()
     recipe.update_bias(model)
     return StepResult(total, aux_sums, grad_norm, tokens)
@@ -108,8 +112,9 @@ def evaluate(model: Transformer, batches, dtype: torch.dtype) -> tuple[float, in
     nats, n = 0.0, 0
     for x, y in batches:
         n_valid = int((y != -100).sum())  # the last validation batch is padded with ignored targets
+        loss = lm_loss(model, x, y, dtype)  # even when all padding: expert parallelism needs every rank's forward
         if n_valid:
-            nats += lm_loss(model, x, y, dtype).item() * n_valid
+            nats += loss.item() * n_valid
             n += n_valid
     model.train()
     return nats / max(n, 1), n

@@ -45,12 +45,13 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
 
 def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dtype: torch.dtype,
                world: distributed.World = distributed.World()) -> dict:
-    """Mean loss and bits per byte over the first eval_batches batches of the validation split (rows split over ranks)."""
+    """Mean loss and bits per byte over the first eval_batches batches of the validation split (rows over ranks)."""
     batches = data.validation_batches(ds, cfg.batch_size // cfg.grad_accum, cfg.seq_len, world.rank, world.size)
     limited = (b for i, b in zip(range(cfg.eval_batches), batches))
     nats, tokens = evaluate(model, limited, dtype)
-    total, tokens = distributed.sum_over_ranks([nats * tokens, tokens], world)
-    nats, tokens = total / max(tokens, 1), int(tokens)
+    if world.size > 1:
+        total, tokens = distributed.sum_over_ranks([nats * tokens, tokens], world)
+        nats, tokens = total / max(tokens, 1), int(tokens)
     full = cfg.eval_batches * (cfg.batch_size // cfg.grad_accum) * cfg.seq_len >= ds.num_tokens
     rec = {"loss": nats, "tokens": tokens}
     if full:  # bits per byte needs the whole split's bytes
@@ -64,7 +65,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int 
           progress: bool = True) -> Path | None:
     """Run (or continue) training; returns the exported model folder when the last step is reached.
 
-    Under torchrun every rank runs this (see distributed.py); rank 0 alone writes metrics, checkpoints and the export."""
+    Under torchrun every rank runs this (distributed.py); rank 0 alone writes metrics, checkpoints and the export."""
     world = distributed.setup()
     try:
         cfg.check_world(world.size)
@@ -141,13 +142,12 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
         bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
     bar.close()
     recipe.remove(model)
-    if step < cfg.steps:
-        return None
-    full = distributed.gathered_model(model, world)
-    if world.is_main:
-        export(full, prepared.tokenizer_dir, out)
-    distributed.barrier(world)  # every rank returns once the export is written
-    return out / "model"
+    path = None
+    if step >= cfg.steps:
+        full = distributed.gathered_model(model, world)
+        path = export(full, prepared.tokenizer_dir, out) if world.is_main else out / "model"
+    distributed.barrier(world)  # every rank returns once rank 0's checkpoint and export are written
+    return path
 
 
 def _rename(s: dict) -> dict:
