@@ -23,6 +23,9 @@ import torch
 from common import BENCH_CHECKPOINT, machine_line, make_bench_checkpoint, markdown_table, random_ids
 
 
+SERVER_ENV: dict[str, str] = {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +36,8 @@ def start_server(path: str, port: int, max_num_seqs: int) -> subprocess.Popen:
     import httpx
     proc = subprocess.Popen([sys.executable, "-m", "openseek", "serve", "--model", path, "--port", str(port),
                              "--max-num-seqs", str(max_num_seqs), "--max-model-len", "2048",
-                             "--served-model-name", "bench", "--log-level", "warning"])
+                             "--served-model-name", "bench", "--log-level", "warning"],
+                            env={**os.environ, **SERVER_ENV})
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:

@@ -242,9 +242,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               args.host)
     llm_kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_model_len", args.max_model_len))
               if v is not None}
+    import torch
+
+    # Only the engine's loop thread computes. An OpenMP team first created by the main thread (loading) makes
+    # the loop thread's small kernels ~1.7x slower on 2 cores (bench/serve.py), so load single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         llm = LLM(args.model, dtype=args.dtype, **llm_kw)
-        engine = AsyncEngine(llm, **({} if args.max_waiting is None else {"max_waiting": args.max_waiting}))
+        engine = AsyncEngine(llm, **({} if args.max_waiting is None else {"max_waiting": args.max_waiting}),
+                             threads=threads)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
     app = build_app(engine, args.served_model_name or args.model, api_key, pricing)

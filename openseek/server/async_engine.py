@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 _STOP = object()
@@ -62,10 +64,11 @@ class _Drain:
 class AsyncEngine:
     """Drives `llm` (an openseek.LLM) from one thread; `add` and `abort` may be called from any event loop."""
 
-    def __init__(self, llm, max_waiting: int = 256):
+    def __init__(self, llm, max_waiting: int = 256, threads: int | None = None):
         if not isinstance(max_waiting, int) or max_waiting < 1:
             raise ValueError(f"max_waiting={max_waiting!r} is invalid: must be a positive integer")
         self.llm = llm
+        self.threads = threads  # torch intra-op threads of the loop thread (see cmd_serve)
         self.max_waiting = max_waiting
         self.stats = EngineStats()  # replaced (never mutated) by the loop thread after every iteration
         self.draining = False
@@ -120,6 +123,8 @@ class AsyncEngine:
 
     # ---- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # per thread: the loop thread's own OpenMP team
         try:
             self._loop()
         except BaseException as e:  # a bug in the loop itself: nobody would ever answer the handlers otherwise
