@@ -67,6 +67,7 @@ def setup() -> World:
 
 def teardown(world: World) -> None:
     if world.owns_group:
+        dist.barrier()  # no rank tears down while another still has collectives in flight (gloo aborts)
         dist.destroy_process_group()
 
 
