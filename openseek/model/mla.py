@@ -108,7 +108,7 @@ class MLA(nn.Module):
             T = int(max(batch.context_lens[:nd]))
             t = torch.arange(T, device=cache.device)
             slots = batch.block_tables[:nd, t // batch.block_size] * batch.block_size + t % batch.block_size
-            mask = (t[None] < lens[:, None])[:, None]  # (B, 1, T)
+            mask = None if min(batch.context_lens[:nd]) == T else (t[None] < lens[:, None])[:, None]  # (B, 1, T)
             outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], cache[slots], mask)[:, 0])
         start = nd
         for i in range(nd, len(batch.query_lens)):  # prefill chunks, one sequence at a time

@@ -96,8 +96,10 @@ class Experts(nn.Module):
         return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (N*K, D)
 
     def _looped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_grad_enabled() and w1.requires_grad:
+            # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
+            w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
         ys, start = [], 0
         for e, c in enumerate(counts_E.tolist()):
             if c:
