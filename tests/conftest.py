@@ -76,3 +76,26 @@ def build_tiny_folder(path: Path):
     ref = build_reference("v2", q_lora_rank=24, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
     save_reference(ref, path)
     return path, ref
+
+
+TRAIN_TEXT = ["def add(a, b):\n    return a + b\n" * 40, "class Point:\n    x: int\n    y: int\n" * 40,
+              "The quick brown fox jumps over the lazy dog.\n" * 60, "for i in range(10):\n    print(i)\n" * 50,
+              "import os\nimport sys\n\nprint(os.getcwd())\n" * 40]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A few small text files: a training corpus that tokenizes and packs in a second."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, t in enumerate(TRAIN_TEXT):
+        (root / f"doc{i}.py").write_text(t)
+    return root
+
+
+def first_new_substring(text: str, width: int = 2) -> int | None:
+    """An index k >= 1 where text[k:k+width] is clean text that does not occur earlier: a usable stop string."""
+    for k in range(1, len(text) - width):
+        piece = text[k:k + width]
+        if "\ufffd" not in piece and text.find(piece) == k:
+            return k
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_reference, build_tiny_folder, save_reference
+from conftest import build_reference, build_tiny_folder, first_new_substring, save_reference
 from openseek import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -110,15 +110,6 @@ def test_seeded_sampling_reproduces_whatever_the_batch(folder):
                                                                      ignore_eos=True))[0].outputs[0].token_ids
                 for _ in range(3)]
     assert len({tuple(u) for u in unseeded}) > 1  # without a seed, draws differ
-
-
-def first_new_substring(text: str, width: int = 2) -> int | None:
-    """An index k >= 1 where text[k:k+width] is clean text that does not occur earlier."""
-    for k in range(1, len(text) - width):
-        piece = text[k:k + width]
-        if "\ufffd" not in piece and text.find(piece) == k:
-            return k
-    return None
 
 
 def test_stop_string_is_trimmed(folder):

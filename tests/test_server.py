@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_folder
+from conftest import build_tiny_folder, first_new_substring
 from openseek import LLM, SamplingParams
 from tokenizers_util import BOS
 
@@ -209,14 +209,6 @@ def test_seeded_sampling_reproduces_and_n_uses_seed_plus_i(server, offline):
         assert c.text == offline_text(offline, PROMPTS[0], temperature=1.0, top_p=0.95, seed=7 + j, max_tokens=12,
                                       ignore_eos=True)[0]
     assert r1.choices[0].text != r1.choices[1].text
-
-
-def first_new_substring(text: str, width: int = 2) -> int | None:
-    for k in range(1, len(text) - width):
-        piece = text[k:k + width]
-        if "\ufffd" not in piece and text.find(piece) == k:
-            return k
-    return None
 
 
 def test_stop_string_ends_and_trims_the_completion(server, offline):

@@ -13,17 +13,7 @@ from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_
 from openseek.train.run import train
 from openseek.model import Transformer
 
-TEXT = ["def add(a, b):\n    return a + b\n" * 40, "class Point:\n    x: int\n    y: int\n" * 40,
-        "The quick brown fox jumps over the lazy dog.\n" * 60, "for i in range(10):\n    print(i)\n" * 50,
-        "import os\nimport sys\n\nprint(os.getcwd())\n" * 40]
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i, t in enumerate(TEXT):
-        (root / f"doc{i}.py").write_text(t)
-    return root
 
 
 def tiny(corpus, **kw):
