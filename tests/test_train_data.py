@@ -17,8 +17,9 @@ import torch
 from tokenizers import Tokenizer as Backend
 
 from openseek.tokenizer import Tokenizer
-from openseek.train.data import (BOS, CHAT_TEMPLATE, EOS, IGNORE_INDEX, PackedDataset, TokenLoader, bits_per_byte,
-                                 corpus_files, pack_tokens, split_files, train_tokenizer, validation_batches)
+from openseek.train.bpe import BOS, CHAT_TEMPLATE, EOS, train_tokenizer
+from openseek.train.data import (IGNORE_INDEX, PackedDataset, TokenLoader, bits_per_byte, corpus_files, pack_tokens,
+                                 split_files, validation_batches)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TEXTS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from openseek.train.data import BOS, EOS, tokenizer_config  # noqa: F401 (BOS and EOS are re-exported to tests)
+from openseek.train.bpe import BOS, EOS, tokenizer_config  # noqa: F401 (BOS and EOS are re-exported to tests)
 
 # Enough repeated English, code, CJK and emoji for the merges to span multi-byte characters.
 CORPUS = [

@@ -1,5 +1,5 @@
-"""Pre-training data: a text corpus, a hash-based train/validation split, a byte-level BPE with DeepSeek-V2's special
-tokens, the token stream packed into memory-mapped shards, and a seeded, resumable, rank-sharded window loader.
+"""Pre-training data: a text corpus, a hash-based train/validation split, the token stream packed into memory-mapped
+shards, and a seeded, resumable, rank-sharded window loader. The tokenizer is trained in bpe.py.
 
 Shapes: B sequences per batch (per rank), S tokens per sequence.
 """
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import random
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,22 +23,8 @@ from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"  # <｜begin▁of▁sentence｜>: U+FF5C bars, U+2581 separators
-EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"  # <｜end▁of▁sentence｜>
-
-# DeepSeek-V2-Chat's tokenizer_config.json chat_template, verbatim (reference §7).
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
-    "{% elif message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json")
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})  # and hidden folders (.git, .venv)
-MIN_VOCAB_SIZE = 256 + 2 + 6  # every byte, BOS and EOS, and room for a few merges
 IGNORE_INDEX = -100  # F.cross_entropy's default: the padded targets of the last validation batch
 PACK_FORMAT = 1  # bump when the shard layout changes, so old packs are rebuilt
 
@@ -122,65 +107,6 @@ def split_files(files: list[Path], val_fraction: float = 0.02, seed: int = 0,
     if len(held_out) == len(files) and len(files) > 1:  # keep something to train on
         held_out.remove(max(held_out, key=draws.__getitem__))
     return ([f for i, f in enumerate(files) if i not in held_out], [f for i, f in enumerate(files) if i in held_out])
-
-
-# ---- tokenizer -------------------------------------------------------------------------------------
-
-def tokenizer_config(model_max_length: int = 16384) -> dict:
-    """DeepSeek-V2-Chat's tokenizer_config.json: BOS added, EOS also the padding, the chat template."""
-    def added(content: str) -> dict:
-        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True, "rstrip": False,
-                "single_word": False}
-
-    return {"add_bos_token": True, "add_eos_token": False, "bos_token": added(BOS), "eos_token": added(EOS),
-            "pad_token": added(EOS), "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
-            "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE}
-
-
-def train_tokenizer(files: list[Path], vocab_size: int, out_dir: str | Path, max_bytes: int | None = None,
-                    model_max_length: int = 16384) -> Tokenizer:
-    """Train a byte-level BPE on (a max_bytes sample of) files; write tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size!r} must be an int >= {MIN_VOCAB_SIZE} "
-                         "(256 byte tokens, BOS, EOS and a few merges)")
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"max_bytes={max_bytes!r} must be >= 1 (or None for every file)")
-    if not files:
-        raise ValueError("train_tokenizer got no files")
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    # all 256 byte symbols from the start, so any text encodes even if the sample lacks some bytes
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(_sample_texts(files, max_bytes), trainer=trainer)
-    backend.add_special_tokens([BOS, EOS])  # the last ids, as in V2 (100000, 100001)
-    trained = backend.get_vocab_size(with_added_tokens=True)
-    if trained < vocab_size:
-        log.warning("the corpus sample ran out of merges: %d tokens instead of vocab_size=%d", trained, vocab_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backend.save(str(out / "tokenizer.json"))
-    config = json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2)
-    (out / "tokenizer_config.json").write_text(config, encoding="utf-8")
-    return Tokenizer.from_pretrained(out)
-
-
-def _sample_texts(files: list[Path], max_bytes: int | None) -> Iterator[str]:
-    """Every file's text, or files in a fixed shuffled order until max_bytes (the last one cut at a character)."""
-    if max_bytes is None:
-        yield from map(_read_text, files)
-        return
-    left = max_bytes
-    for i in random.Random(0).sample(range(len(files)), len(files)):
-        data = _read_text(files[i]).encode()[:left]
-        yield data.decode("utf-8", errors="ignore")
-        left -= len(data)
-        if left <= 0:
-            return
 
 
 # ---- packing ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from ..model import Transformer
 from ..summary import count_parameters
-from . import data, distributed
+from . import bpe, data, distributed
 from .config import TrainConfig
 from .loop import (MetricsLog, build_optimizer, build_recipe, evaluate, export, init_weights, latest_checkpoint,
                    lr_at, measure_peak_flops, rng_state, save_checkpoint, set_rng_state, throughput, train_step)
@@ -34,7 +34,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
         from ..tokenizer import Tokenizer
         tokenizer = Tokenizer.from_pretrained(tok_dir)
     else:
-        tokenizer = data.train_tokenizer(train_files, cfg.vocab_size, tok_dir, max_bytes=cfg.max_tokenizer_bytes)
+        tokenizer = bpe.train_tokenizer(train_files, cfg.vocab_size, tok_dir, max_bytes=cfg.max_tokenizer_bytes)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"{tok_dir} holds a tokenizer of vocab {tokenizer.vocab_size}, the config asks for "
                          f"{cfg.vocab_size}: use a fresh --out")
