@@ -6,6 +6,16 @@ import json
 from pathlib import Path
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: printable bytes stand for themselves, the rest for U+0100 onwards."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    rest = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(0x100 + i): b for i, b in enumerate(rest)}}
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
+
+
 def _token_content(value) -> str | None:
     """tokenizer_config.json stores special tokens either as strings or as AddedToken dicts."""
     if value is None or isinstance(value, str):
@@ -131,6 +141,14 @@ class Tokenizer:
 
     def id_to_token(self, id: int) -> str | None:
         return self._tok.id_to_token(id)
+
+    def token_bytes(self, id: int) -> bytes:
+        """A token's own bytes: for a byte-level BPE piece of a multi-byte character, not the U+FFFD it decodes to."""
+        text = self.decode([id], skip_special_tokens=False)
+        piece = self.id_to_token(id) or ""
+        if "\ufffd" in text and piece and all(ch in _BYTE_OF_CHAR for ch in piece):
+            return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
+        return text.encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text for messages, rendered like transformers' apply_chat_template(tokenize=False)."""

@@ -107,11 +107,13 @@ class MLA(nn.Module):
         """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, V)"""
         outs, nd = [], batch.num_decodes
         if nd:  # all decodes in one absorbed call, padded to the longest context
-            lens = torch.tensor(batch.context_lens[:nd], device=cache.device)
-            T = int(max(batch.context_lens[:nd]))
+            lens = batch.context_lens[:nd]
+            T = max(lens)
             t = torch.arange(T, device=cache.device)
             slots = batch.block_tables[:nd, t // batch.block_size] * batch.block_size + t % batch.block_size
-            mask = None if min(batch.context_lens[:nd]) == T else (t[None] < lens[:, None])[:, None]  # (B, 1, T)
+            mask = None  # padding to the longest context needs a mask only when lengths differ
+            if min(lens) < T:
+                mask = (t[None] < torch.tensor(lens, device=cache.device)[:, None])[:, None]  # (B, 1, T)
             outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], cache[slots], mask)[:, 0])
         start = nd
         for i in range(nd, len(batch.query_lens)):  # prefill chunks, one sequence at a time

@@ -229,8 +229,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
 
     def tensor(hf: str) -> torch.Tensor:
         native, j = names[hf]
-        t = params[native] if j is None else params[native][j]
-        return t.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses views of shared storage
+        if j is None:
+            return params[native].detach().to("cpu").contiguous()
+        return params[native][j].detach().to("cpu").clone()  # one expert: safetensors refuses shared-storage views
 
     plan: list[list[str]] = [[]]  # names per shard, decided before any tensor is copied
     size = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -50,14 +49,6 @@ class _Job:
     first_token: bool = False
 
 
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet inverted: printable bytes stand for themselves, the rest for U+0100 onwards."""
-    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    rest = [b for b in range(256) if b not in keep]
-    return {**{chr(b): b for b in keep}, **{chr(0x100 + i): b for i, b in enumerate(rest)}}
-
-
 def sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -74,13 +65,9 @@ class OpenAIServing:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes: for a piece of a multi-byte character, not the U+FFFD its text decodes to."""
-        text = self.token_str(token_id)
-        if "\ufffd" in text and self.tokenizer is not None:
-            table = _byte_level_decoder()
-            piece = self.tokenizer.id_to_token(token_id) or ""
-            if piece and all(ch in table for ch in piece):  # a byte-level BPE token (GPT-2 / DeepSeek alphabet)
-                return bytes(table[ch] for ch in piece)
-        return text.encode("utf-8")
+        if self.tokenizer is None:
+            return self.token_str(token_id).encode("utf-8")
+        return self.tokenizer.token_bytes(token_id)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
