@@ -23,6 +23,8 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     vocab_size: int = 4096
     init_std: float = 0.006  # V2 paper §3.1.2
+    init: str | None = None  # a model folder (weights, config, tokenizer) to start from instead of random weights
+    sft: bool = False  # supervised fine-tuning of init on instruction pairs from the corpus (train/sft.py)
     # data
     data: list[str] = field(default_factory=list)  # files or folders; empty: the Python standard library
     val_fraction: float = 0.02
@@ -73,6 +75,10 @@ class TrainConfig:
             ("val_fraction", 0 < self.val_fraction < 1, "must lie in (0, 1)"),
             ("device_limit", 1 <= self.device_limit <= self.n_devices, "must lie in [1, n_devices]"),
         ]
+        if self.sft and self.init is None:
+            raise ValueError("train config sft=True needs init: the model folder to fine-tune")
+        if self.init is not None and self.model:
+            raise ValueError(f"train config init={self.init!r} brings its own architecture; leave model empty")
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"train config {name}={getattr(self, name)!r} is invalid: {allowed}")
@@ -91,7 +97,10 @@ class TrainConfig:
                 raise ValueError(f"expert_parallel=True: world_size={world_size} must divide n_routed_experts={E}")
 
     def model_config(self) -> ModelConfig:
-        """The architecture, with the vocabulary of the tokenizer and the run's device groups as router groups."""
+        """The architecture (init's, or model with the tokenizer's vocabulary and the run's device groups as
+        router groups)."""
+        if self.init is not None:
+            return ModelConfig.from_file(self.init)
         m = dict(self.model)
         m["vocab_size"] = self.vocab_size
         m.setdefault("max_position_embeddings", max(4096, self.seq_len))
@@ -123,6 +132,9 @@ _SMALL_MODEL = dict(hidden_size=256, intermediate_size=768, moe_intermediate_siz
                     qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=2,
                     num_experts_per_tok=2, first_k_dense_replace=1, rope_scaling=None)
 
+_DEMO_MODEL = dict(_SMALL_MODEL, num_hidden_layers=6, moe_intermediate_size=96, n_routed_experts=32,
+                   num_experts_per_tok=4, max_position_embeddings=2048)
+
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # seconds on 2 cores: tests and smoke runs
     "tiny": dict(model=_TINY_MODEL, vocab_size=512, seq_len=64, batch_size=8, steps=20, lr=3e-3, warmup=2,
@@ -130,6 +142,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # a few million parameters; minutes on 2 cores
     "small": dict(model=_SMALL_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=600, lr=2e-3,
                   warmup=50, n_devices=4, device_limit=2, alpha1=0.003, alpha2=0.05, alpha3=0.02),
+    # the bundled model (openseek/bundled/demo): ~16M parameters, ~3.5M activated; about half an hour on 2 cores
+    "demo": dict(model=_DEMO_MODEL, vocab_size=4096, seq_len=512, batch_size=16, steps=800, lr=2e-3,
+                 warmup=50, n_devices=4, device_limit=2, alpha1=0.003, alpha2=0.05, alpha3=0.02,
+                 eval_every=200, save_every=100),
+    # its chat fine-tune: --init OUT/model from the demo run; about one epoch of the standard library's functions
+    "demo-sft": dict(sft=True, seq_len=512, batch_size=16, steps=200, lr=5e-4, warmup=20, schedule="cosine",
+                     alpha1=0.003, eval_every=50, save_every=50),
 }
 
 

@@ -150,6 +150,20 @@ class PackedDataset:
         return cls(folder, index["dtype"], index["shard_tokens"], index["shard_sizes"], index["num_bytes"],
                    index["num_docs"], index["vocab_size"], index["fingerprint"])
 
+    def num_windows(self, seq_len: int, cover_tail: bool = False) -> int:
+        """Windows of S+1 tokens (overlapping by one) in the stream; cover_tail counts a final partial one too."""
+        if cover_tail:
+            return max(math.ceil((self.num_tokens - 1) / seq_len), 1)
+        return (self.num_tokens - 1) // seq_len
+
+    def windows(self, indices: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, targets) of windows `indices`; a window past the stream's end is all padding."""
+        return _windows(self, [min(w * seq_len, self.num_tokens) for w in indices], seq_len)
+
+    @property
+    def num_targets(self) -> int:
+        return self.num_tokens - 1  # every token after the first
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """A copy of tokens [start, stop) of the stream, across shard boundaries."""
         if not 0 <= start <= stop <= self.num_tokens:
@@ -269,16 +283,15 @@ def _windows(dataset: PackedDataset, starts: list[int], seq_len: int) -> tuple[t
 
 class TokenLoader:
     """Endless (input_ids, targets) batches: non-overlapping windows of S+1 tokens in a seeded order, a new
-    permutation of all windows each epoch. batch_size is the global batch; rank r of world_size gets the
+    permutation of all windows each epoch (of a PackedDataset, or the packed rows of an sft.ChatDataset). batch_size is the global batch; rank r of world_size gets the
     contiguous rows [r*b, (r+1)*b), b = batch_size // world_size, so the ranks together see one process's batch."""
 
-    def __init__(self, dataset: PackedDataset, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+    def __init__(self, dataset, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1):
         _check_batching(batch_size, seq_len, rank, world_size)
-        self.num_windows = (dataset.num_tokens - 1) // seq_len
+        self.num_windows = dataset.num_windows(seq_len)
         if self.num_windows < 1:
-            raise ValueError(f"{dataset.folder} has {dataset.num_tokens} tokens, fewer than seq_len + 1 = "
-                             f"{seq_len + 1}")
+            raise ValueError(f"{dataset.folder} holds no full window of seq_len + 1 = {seq_len + 1} tokens")
         self.dataset, self.batch_size, self.seq_len, self.seed = dataset, batch_size, seq_len, seed
         self.rank, self.local_batch_size = rank, batch_size // world_size
         self.epoch, self.position = 0, 0  # the next window is permutation(epoch)[position]
@@ -303,7 +316,7 @@ class TokenLoader:
             if self.position == self.num_windows:
                 self.epoch, self.position = self.epoch + 1, 0
         mine = windows[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
-        return _windows(self.dataset, [w * self.seq_len for w in mine], self.seq_len)
+        return self.dataset.windows(mine, self.seq_len)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -317,17 +330,16 @@ class TokenLoader:
         self.epoch, self.position = epoch, position
 
 
-def validation_batches(dataset: PackedDataset, batch_size: int, seq_len: int, rank: int = 0,
+def validation_batches(dataset, batch_size: int, seq_len: int, rank: int = 0,
                        world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole stream once, in order, in fixed-shape batches (rows split across ranks as in TokenLoader): every
     token after the first is a target exactly once; the tail is padded with targets IGNORE_INDEX."""
     _check_batching(batch_size, seq_len, rank, world_size)
-    num_windows = max(math.ceil((dataset.num_tokens - 1) / seq_len), 1)
+    num_windows = dataset.num_windows(seq_len, cover_tail=True)
     local = batch_size // world_size
     for first in range(0, num_windows, batch_size):
-        rows = range(first + rank * local, first + (rank + 1) * local)
-        # rows past the end start at the stream's end: all padding, so every rank runs the same number of batches
-        yield _windows(dataset, [min(w * seq_len, dataset.num_tokens) for w in rows], seq_len)
+        # rows past the end are all padding, so every rank runs the same number of batches
+        yield dataset.windows(list(range(first + rank * local, first + (rank + 1) * local)), seq_len)
 
 
 def bits_per_byte(total_nats: float, num_bytes: int) -> float:

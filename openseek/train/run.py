@@ -11,7 +11,9 @@ import torch
 
 from ..model import Transformer
 from ..summary import count_parameters
-from . import bpe, data, distributed
+from ..model import load_pretrained
+from ..tokenizer import Tokenizer
+from . import bpe, data, distributed, sft
 from .config import TrainConfig
 from .loop import (MetricsLog, build_optimizer, build_recipe, evaluate, export, init_weights, latest_checkpoint,
                    lr_at, measure_peak_flops, rng_state, save_checkpoint, set_rng_state, throughput, train_step)
@@ -20,27 +22,33 @@ from .loop import (MetricsLog, build_optimizer, build_recipe, evaluate, export, 
 @dataclass(slots=True)
 class Prepared:
     tokenizer_dir: Path
-    train: data.PackedDataset
-    val: data.PackedDataset
+    train: data.PackedDataset | sft.ChatDataset
+    val: data.PackedDataset | sft.ChatDataset
     train_bos_eos: tuple[int, int]  # the tokenizer's, written into the exported config.json
 
 
 def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
-    """Tokenizer and packed shards under OUT/data; reused when the inputs are unchanged."""
+    """Tokenizer (init's, or trained) and the data: packed shards under OUT/data, reused when the inputs are
+    unchanged, or with sft the instruction pairs of the corpus, packed in memory."""
     files = data.corpus_files(cfg.data or None)
     train_files, val_files = data.split_files(files, cfg.val_fraction, cfg.seed)
-    tok_dir = out / "data" / "tokenizer"
+    tok_dir = Path(cfg.init) if cfg.init is not None else out / "data" / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
-        from ..tokenizer import Tokenizer
         tokenizer = Tokenizer.from_pretrained(tok_dir)
+    elif cfg.init is not None:
+        raise ValueError(f"init={cfg.init} holds no tokenizer.json")
     else:
         tokenizer = bpe.train_tokenizer(train_files, cfg.vocab_size, tok_dir, max_bytes=cfg.max_tokenizer_bytes)
-    if tokenizer.vocab_size != cfg.vocab_size:
+    if cfg.init is None and tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"{tok_dir} holds a tokenizer of vocab {tokenizer.vocab_size}, the config asks for "
                          f"{cfg.vocab_size}: use a fresh --out")
-    return Prepared(tok_dir, data.pack_tokens(train_files, tokenizer, out / "data" / "train"),
-                    data.pack_tokens(val_files, tokenizer, out / "data" / "val"),
-                    (tokenizer.bos_token_id, tokenizer.eos_token_id))
+    if cfg.sft:
+        train_set, val_set = (sft.build_chat_dataset(sft.instruction_pairs(f), tokenizer, cfg.seq_len, cfg.seed)
+                              for f in (train_files, val_files))
+    else:
+        train_set, val_set = (data.pack_tokens(f, tokenizer, out / "data" / name)
+                              for f, name in ((train_files, "train"), (val_files, "val")))
+    return Prepared(tok_dir, train_set, val_set, (tokenizer.bos_token_id, tokenizer.eos_token_id))
 
 
 def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dtype: torch.dtype,
@@ -52,12 +60,11 @@ def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dty
     if world.size > 1:
         total, tokens = distributed.sum_over_ranks([nats * tokens, tokens], world)
         nats, tokens = total / max(tokens, 1), int(tokens)
-    full = cfg.eval_batches * (cfg.batch_size // cfg.grad_accum) * cfg.seq_len >= ds.num_tokens
     rec = {"loss": nats, "tokens": tokens}
-    if full:  # bits per byte needs the whole split's bytes
+    if tokens >= ds.num_targets:  # bits per byte needs the whole split's bytes
         rec["bpb"] = data.bits_per_byte(nats * tokens, ds.num_bytes)
     else:  # estimate from the sampled fraction of the split
-        rec["bpb_estimate"] = data.bits_per_byte(nats * ds.num_tokens, ds.num_bytes)
+        rec["bpb_estimate"] = data.bits_per_byte(nats * ds.num_targets, ds.num_bytes)
     return rec
 
 
@@ -79,10 +86,13 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
-    mcfg = cfg.model_config()
-    mcfg.bos_token_id, mcfg.eos_token_id = prepared.train_bos_eos
-    model = Transformer(mcfg)
-    init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
+    if cfg.init is not None:
+        model = load_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        mcfg = cfg.model_config()
+        mcfg.bos_token_id, mcfg.eos_token_id = prepared.train_bos_eos
+        model = Transformer(mcfg)
+        init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
     if cfg.expert_parallel:
         distributed.shard_experts(model, world)
     model.train()
