@@ -17,6 +17,9 @@ from .config import PRESETS, ModelConfig, preset
 from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, summarize
 
 
+BUNDLED_MODEL_NAME = "openseek-demo"  # the model id `openseek serve` gives the bundled model
+
+
 class UsageError(Exception):
     """Bad command-line input: reported as one line, never as a traceback."""
 
@@ -129,48 +132,96 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-# ---- generate --------------------------------------------------------------------------------------------------
+# ---- generate / chat -------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH", help="Hugging Face model folder (default: the bundled "
+                                                                  "demo model)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (the checkpoint's; default: auto, "
+                                                 "float32 for the bundled model)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length: prompt + completion tokens")
+
+
+def model_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """--model and --dtype, defaulting to the bundled model computed in float32 (it is stored in bfloat16)."""
+    from . import BUNDLED_MODEL
+
+    if args.model is None:
+        if not (BUNDLED_MODEL / "config.json").exists():
+            raise UsageError(f"the bundled model is missing from {BUNDLED_MODEL}: pass --model PATH")
+        return str(BUNDLED_MODEL), args.dtype or "float32"
+    if not Path(args.model).is_dir():
+        raise UsageError(f"model path {args.model} is not a directory")
+    return args.model, args.dtype or "auto"
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float, top_p: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=top_p)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", required=True, metavar="PATH", help="Hugging Face model folder")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=128, temperature=0.0, top_p=1.0)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    p.add_argument("--max-model-len", type=int, default=None)
     p.set_defaults(run=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .chat import stream
     from .engine.engine import LLM
     from .engine.sampler import SamplingParams
 
-    if not Path(args.model).is_dir():
-        raise UsageError(f"model path {args.model} is not a directory")
+    model, dtype = model_and_dtype(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, stop=args.stop)
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1)
+        llm = LLM(model, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=1)
         prompt = args.prompt
         if args.chat:
             if llm.tokenizer is None:
                 raise ValueError("--chat needs a tokenizer.json in the model folder")
             text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
-        llm.add_request("cli", prompt, params)
+        pieces = stream(llm, "cli", prompt, params)
+        first = next(pieces, "")  # the request is validated here
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
-    while llm.has_unfinished_requests():
-        for delta in llm.step():
-            print(delta.new_text if llm.tokenizer else " ".join(map(str, delta.new_token_ids)) + " ",
-                  end="", flush=True)
+    print(first, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
     print()
     return 0
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal, replies streamed",
+                       description="An interactive chat through the model's chat template. /reset forgets the "
+                                   "conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=512, temperature=0.6, top_p=0.95)  # DeepSeek's suggested chat sampling
+    p.add_argument("--system", default=None, help="a system message opening the conversation")
+    p.set_defaults(run=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat
+    from .engine.engine import LLM
+    from .engine.sampler import SamplingParams
+
+    model, dtype = model_and_dtype(args)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_tokens=args.max_tokens)
+        llm = LLM(model, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=1)
+        return chat(llm, params, args.system)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
 
 
 # ---- bench -----------------------------------------------------------------------------------------------------
@@ -202,21 +253,20 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (completions, chat, models, metrics)",
                        description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, /v1/models, "
                                    "/health, /metrics. SIGTERM drains in-flight requests, then exits.")
-    p.add_argument("--model", required=True, metavar="PATH", help="Hugging Face model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
                                                    "(default: $OPENSEEK_API_KEY, else no key)")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send "
-                                                                            "(default: PATH as given)")
+                                                                            "(default: PATH as given, or "
+                                                                            f"{BUNDLED_MODEL_NAME})")
     p.add_argument("--price-input", type=float, default=None, metavar="X", help="price per million prompt tokens; "
                                                                              "adds usage.cost")
     p.add_argument("--price-output", type=float, default=None, metavar="Y", help="price per million completion tokens")
     p.add_argument("--price-currency", default="USD", help="currency label of the prices (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    add_model_args(p)
     # None: the default of LLM / AsyncEngine applies, so it lives in one place
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences generated at once")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length: prompt + completion tokens")
     p.add_argument("--max-waiting", type=int, default=None, help="queued sequences before requests get 429")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
@@ -230,8 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.async_engine import AsyncEngine
     from .server.protocol import Pricing
 
-    if not Path(args.model).is_dir():
-        raise UsageError(f"model path {args.model} is not a directory")
+    model, dtype = model_and_dtype(args)
     if (args.price_input is None) != (args.price_output is None):
         raise UsageError("give both --price-input and --price-output, or neither")
     api_key = args.api_key or os.environ.get("OPENSEEK_API_KEY") or None
@@ -249,12 +298,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        llm = LLM(args.model, dtype=args.dtype, **llm_kw)
+        llm = LLM(model, dtype=dtype, **llm_kw)
         engine = AsyncEngine(llm, **({} if args.max_waiting is None else {"max_waiting": args.max_waiting}),
                              threads=threads)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
-    app = build_app(engine, args.served_model_name or args.model, api_key, pricing)
+    name = args.served_model_name or (args.model if args.model is not None else BUNDLED_MODEL_NAME)
+    app = build_app(engine, name, api_key, pricing)
     serve(app, args.host, args.port, args.log_level)
     return 0
 
@@ -328,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_info(sub)  # serve / train / ... register here the same way
     add_generate(sub)
+    add_chat(sub)
     add_serve(sub)
     add_bench(sub)
     add_train(sub)
