@@ -11,10 +11,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from .config import PRESETS, ModelConfig, preset
-from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, summarize
+from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, format_info, summarize
 
 
 BUNDLED_MODEL_NAME = "openseek-demo"  # the model id `openseek serve` gives the bundled model
@@ -61,75 +60,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             **summarize(cfg, args.cache_dtype)}
     print(json.dumps(data, indent=2) if args.json else format_info(data))
     return 0
-
-
-def format_info(data: dict[str, Any]) -> str:
-    """The human-readable `openseek info` report."""
-    a, p, kv = data["architecture"], data["parameters"], data["kv_cache"]
-    src = data["source"]
-    routing = a["topk_method"]
-    if a["topk_method"] != "greedy" and a["n_group"] > 1:
-        routing += f" ({a['n_group']} groups, top {a['topk_group']})"
-    routing += f", {a['scoring_func']} scores" + (", top-k renormalised" if a["norm_topk_prob"] else "")
-    routing += f", scaling {a['routed_scaling_factor']:g}"
-    yarn = f"factor {a['yarn_factor']:g}, mscale_all_dim {a['yarn_mscale_all_dim'] or 0:g}" \
-        if a["yarn_factor"] else "off (plain RoPE)"
-    q_rank = a["q_lora_rank"] if a["q_lora_rank"] is not None else "none (no query compression)"
-    rows = [
-        ("model type", a["model_type"]),
-        ("layers", f"{a['layers']} ({a['dense_layers']} dense + {a['moe_layers']} MoE)"
-         + (f", + {a['mtp_layers']} MTP" if a["mtp_layers"] else "")),
-        ("hidden size", f"{a['hidden_size']} (dense FFN {a['intermediate_size']}, vocab {a['vocab_size']})"),
-        ("attention heads", a["heads"]),
-        ("q_lora_rank", q_rank),
-        ("kv_lora_rank", a["kv_lora_rank"]),
-        ("head dims", f"qk nope {a['qk_nope_head_dim']} + rope {a['qk_rope_head_dim']}, v {a['v_head_dim']}"),
-    ]
-    if a["moe_layers"]:
-        rows += [("experts", f"{a['routed_experts']} routed + {a['shared_experts']} shared, {a['active_experts']} "
-                             f"active per token (expert FFN {a['moe_intermediate_size']})"),
-                 ("routing", routing)]
-    rows += [("YaRN", yarn), ("softmax scale", f"{a['softmax_scale']:.6f}")]
-    emb = _count(p["embedding"]) + (" (tied to head)" if a["tie_word_embeddings"] else f" / {_count(p['head'])}")
-    params = [
-        ("total", _count(p["total"]) + (" (MTP excluded)" if p["mtp"] else "")),
-        ("activated per token", f"{_count(p['activated'])} incl. embedding and head"),
-        ("", f"{_count(p['activated_excl_embedding'])} excl. input embedding"),
-        ("embedding / head", emb),
-        ("attention per layer", _count(p["attention_per_layer"])),
-    ]
-    if p["routed_expert"]:
-        params.append(("one routed expert", _count(p["routed_expert"])))
-    if p["mtp"]:
-        params.append(("MTP layers", f"{_count(p['mtp'])} (own parameters; embedding and head shared)"))
-    b = kv["bytes_per_value"]
-    cache = [
-        ("values per token per layer", f"{kv['latent_per_layer']:,}", f"{kv['expanded_per_layer']:,}"),
-        ("values per token", f"{kv['latent_per_token']:,}", f"{kv['expanded_per_token']:,}"),
-        (f"bytes per token ({kv['dtype']})", _bytes(kv["latent_per_token"] * b), _bytes(kv["expanded_per_token"] * b)),
-        ("ratio (expanded / latent)", "1x", f"{kv['ratio']:.1f}x"),
-    ]
-    title = f"preset {src['preset']}" if "preset" in src else src["path"]
-    lines = [f"openseek info: {title}", "", "Architecture"]
-    lines += [f"  {k:<22}{v}" for k, v in rows]
-    lines += ["", "Parameters"] + [f"  {k:<22}{v}" for k, v in params]
-    lines += ["", f"KV cache per token{'MLA latent':>22}{'expanded K/V':>16}"]
-    lines += [f"  {k:<26}{x:>14}{y:>16}" for k, x, y in cache]
-    return "\n".join(lines)
-
-
-def _count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 # ---- generate / chat -------------------------------------------------------------------------------------------
@@ -222,6 +152,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return chat(llm, params, args.system)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
+
+
+# ---- convert ---------------------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="rewrite a checkpoint in another dtype (fp8 blocks dequantised), tokenizer "
+                                       "files copied",
+                       description="Load SRC (any layout load_pretrained reads; MTP layers are not carried over) and "
+                                   "write it to DST in the hub layout at --dtype.")
+    p.add_argument("src", metavar="SRC", help="checkpoint folder")
+    p.add_argument("dst", metavar="DST", help="output folder")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(run=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from .model import load_pretrained, save_pretrained
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise UsageError(f"model path {src} is not a directory")
+    if dst.resolve() == src.resolve():
+        raise UsageError("DST must differ from SRC: the weights are read while DST is written")
+    try:
+        save_pretrained(load_pretrained(src, dtype=getattr(torch, args.dtype)), dst)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    print(f"wrote {dst} ({args.dtype})")
+    return 0
 
 
 # ---- bench -----------------------------------------------------------------------------------------------------
@@ -379,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(sub)  # serve / train / ... register here the same way
     add_generate(sub)
     add_chat(sub)
+    add_convert(sub)
     add_serve(sub)
     add_bench(sub)
     add_train(sub)

@@ -122,3 +122,72 @@ def summarize(cfg: ModelConfig, cache_dtype: str = DEFAULT_CACHE_DTYPE) -> dict[
     """Architecture, parameter counts and KV-cache sizes: the data behind `openseek info` (and its --json)."""
     return {"architecture": architecture(cfg), "parameters": asdict(count_parameters(cfg)),
             "kv_cache": kv_cache(cfg, cache_dtype).to_dict()}
+
+
+def format_info(data: dict[str, Any]) -> str:
+    """The human-readable `openseek info` report."""
+    a, p, kv = data["architecture"], data["parameters"], data["kv_cache"]
+    src = data["source"]
+    routing = a["topk_method"]
+    if a["topk_method"] != "greedy" and a["n_group"] > 1:
+        routing += f" ({a['n_group']} groups, top {a['topk_group']})"
+    routing += f", {a['scoring_func']} scores" + (", top-k renormalised" if a["norm_topk_prob"] else "")
+    routing += f", scaling {a['routed_scaling_factor']:g}"
+    yarn = f"factor {a['yarn_factor']:g}, mscale_all_dim {a['yarn_mscale_all_dim'] or 0:g}" \
+        if a["yarn_factor"] else "off (plain RoPE)"
+    q_rank = a["q_lora_rank"] if a["q_lora_rank"] is not None else "none (no query compression)"
+    rows = [
+        ("model type", a["model_type"]),
+        ("layers", f"{a['layers']} ({a['dense_layers']} dense + {a['moe_layers']} MoE)"
+         + (f", + {a['mtp_layers']} MTP" if a["mtp_layers"] else "")),
+        ("hidden size", f"{a['hidden_size']} (dense FFN {a['intermediate_size']}, vocab {a['vocab_size']})"),
+        ("attention heads", a["heads"]),
+        ("q_lora_rank", q_rank),
+        ("kv_lora_rank", a["kv_lora_rank"]),
+        ("head dims", f"qk nope {a['qk_nope_head_dim']} + rope {a['qk_rope_head_dim']}, v {a['v_head_dim']}"),
+    ]
+    if a["moe_layers"]:
+        rows += [("experts", f"{a['routed_experts']} routed + {a['shared_experts']} shared, {a['active_experts']} "
+                             f"active per token (expert FFN {a['moe_intermediate_size']})"),
+                 ("routing", routing)]
+    rows += [("YaRN", yarn), ("softmax scale", f"{a['softmax_scale']:.6f}")]
+    emb = _count(p["embedding"]) + (" (tied to head)" if a["tie_word_embeddings"] else f" / {_count(p['head'])}")
+    params = [
+        ("total", _count(p["total"]) + (" (MTP excluded)" if p["mtp"] else "")),
+        ("activated per token", f"{_count(p['activated'])} incl. embedding and head"),
+        ("", f"{_count(p['activated_excl_embedding'])} excl. input embedding"),
+        ("embedding / head", emb),
+        ("attention per layer", _count(p["attention_per_layer"])),
+    ]
+    if p["routed_expert"]:
+        params.append(("one routed expert", _count(p["routed_expert"])))
+    if p["mtp"]:
+        params.append(("MTP layers", f"{_count(p['mtp'])} (own parameters; embedding and head shared)"))
+    b = kv["bytes_per_value"]
+    cache = [
+        ("values per token per layer", f"{kv['latent_per_layer']:,}", f"{kv['expanded_per_layer']:,}"),
+        ("values per token", f"{kv['latent_per_token']:,}", f"{kv['expanded_per_token']:,}"),
+        (f"bytes per token ({kv['dtype']})", _bytes(kv["latent_per_token"] * b), _bytes(kv["expanded_per_token"] * b)),
+        ("ratio (expanded / latent)", "1x", f"{kv['ratio']:.1f}x"),
+    ]
+    title = f"preset {src['preset']}" if "preset" in src else src["path"]
+    lines = [f"openseek info: {title}", "", "Architecture"]
+    lines += [f"  {k:<22}{v}" for k, v in rows]
+    lines += ["", "Parameters"] + [f"  {k:<22}{v}" for k, v in params]
+    lines += ["", f"KV cache per token{'MLA latent':>22}{'expanded K/V':>16}"]
+    lines += [f"  {k:<26}{x:>14}{y:>16}" for k, x, y in cache]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"

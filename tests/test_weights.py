@@ -187,3 +187,28 @@ def test_mtp_layer_skipped_unless_asked(tmp_path):
         torch.testing.assert_close(with_mtp(ids), ref(ids).logits, atol=1e-4, rtol=0)
     with safe_open(path / "model.safetensors", "pt") as f:
         assert f"model.layers.{L}.eh_proj.weight" in f.keys()
+
+
+def test_cli_convert_writes_bfloat16_that_transformers_reads(tmp_path, tiny_v2):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    (tiny_v2 / "tokenizer_config.json").write_text("{}")
+    dst = tmp_path / "bf16"
+    run = subprocess.run([sys.executable, "-m", "openseek", "convert", str(tiny_v2), str(dst)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (dst / "tokenizer_config.json").read_text() == "{}"
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    router = ".mlp.gate."  # the router stays float32, as openseek computes it
+    with safe_open(dst / "model.safetensors", "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == ("F32" if router in k else "BF16") for k in f.keys())
+    ref = AutoModelForCausalLM.from_pretrained(tiny_v2, dtype=torch.float32).state_dict()
+    for name, t in AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).state_dict().items():
+        want = ref[name] if router in name else ref[name].to(torch.bfloat16).float()  # rounded once
+        assert torch.equal(t, want), name
+    same = subprocess.run([sys.executable, "-m", "openseek", "convert", str(tiny_v2), str(tiny_v2)],
+                          capture_output=True, text=True, timeout=300)
+    assert same.returncode == 2 and "DST must differ from SRC" in same.stderr
