@@ -20,6 +20,20 @@ class ForwardBatch:
     query_lens: list[int]  # (B,) new tokens of each sequence in this batch
     num_decodes: int  # the first num_decodes sequences have query_len 1 and are decoded together
     block_size: int
+    # derived once per step, not once per layer: the decodes' cache rows padded to the longest context, and the
+    # mask of the real ones (None when every context has the same length)
+    decode_slots: torch.Tensor | None = None  # (num_decodes, T) int64
+    decode_mask: torch.Tensor | None = None  # (num_decodes, 1, T) bool
+
+    def __post_init__(self) -> None:
+        nd = self.num_decodes
+        if nd:
+            lens = self.context_lens[:nd]
+            T = max(lens)
+            t = torch.arange(T, device=self.block_tables.device)
+            self.decode_slots = self.block_tables[:nd, t // self.block_size] * self.block_size + t % self.block_size
+            if min(lens) < T:
+                self.decode_mask = (t[None] < torch.tensor(lens, device=t.device)[:, None])[:, None]
 
     def gather_slots(self, seq: int, length: int) -> torch.Tensor:
         """Cache rows holding tokens 0..length-1 of sequence `seq`. -> (length,)"""

@@ -21,10 +21,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 whatever the activation dtype (bf16 overflows/underflows otherwise).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Statistics in float32 whatever the activation dtype (bf16 overflows/underflows otherwise); the weight
+        # multiplies after the cast back, as the reference does. One op instead of six: decode runs ~25 per token.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -41,7 +40,7 @@ class SwiGLU(nn.Module):
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (R/2,) with YaRN's blend applied, and the cos/sin multiplier."""
+    """Inverse frequencies (R/2,) with YaRN's blend applied, and the rotations' magnitude (attention factor)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (R/2,)
     ys = cfg.rope_scaling
@@ -66,26 +65,27 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class Rotary(nn.Module):
-    """cos/sin for given positions; shared by every layer."""
+    """Rotations e^(i * position * theta_k), times YaRN's attention factor, for given positions; shared by every
+    layer (DeepSeek-V3's `freqs_cis`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq, self.attn_factor = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.float()[..., None] * self.inv_freq  # (..., R/2)
-        return angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
+        return torch.polar(torch.full_like(angles, self.attn_factor), angles)  # (..., R/2) complex64
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2k], x[2k+1]) by angle k: the checkpoint's interleaved layout, kept on output.
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2k], x[2k+1]) as complex numbers: the checkpoint's interleaved layout, kept on output.
 
-    x: (B, S, ..., R); cos, sin: (B, S, R/2) broadcast over the middle dims.
+    x: (B, S, ..., R); freqs_cis: (B, S, R/2) complex, broadcast over the middle dims.
     """
-    shape = cos.shape[:2] + (1,) * (x.dim() - 3) + cos.shape[2:]
-    cos, sin = cos.view(shape), sin.view(shape)
-    xf = x.float().unflatten(-1, (-1, 2))  # (..., R/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    freqs_cis = freqs_cis.view(freqs_cis.shape[:2] + (1,) * (x.dim() - 3) + freqs_cis.shape[2:])
+    xf = x.float()
+    if xf.storage_offset() % 2 or any(s % 2 for s in xf.stride()[:-1]):  # view_as_complex needs pairs aligned
+        xf = xf.contiguous()
+    x_c = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., R/2)
+    return torch.view_as_real(x_c * freqs_cis).flatten(-2).to(x.dtype)

@@ -43,17 +43,17 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
         self.softmax_scale = cfg.softmax_scale
 
-    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_q(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head queries: q_nope (B, S, H, N) and rotated q_pe (B, S, H, R)."""
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.unflatten(-1, (self.n_heads, -1))  # (B, S, H, N + R)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, apply_rope(q_pe, freqs_cis)
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches per token: normalised latent c_kv (B, S, C) and rotated k_pe (B, S, R)."""
         c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)
+        return self.kv_norm(c_kv), apply_rope(k_pe, freqs_cis)
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,11 +90,11 @@ class MLA(nn.Module):
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*S, V)
         return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, V)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: ForwardBatch | None = None, cache: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
+                cache: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over x (B, S, D); with a batch, x is (1, N, D) packed over the paged cache."""
-        q_nope, q_pe = self.project_q(x, cos, sin)
-        c_kv, k_pe = self.project_kv(x, cos, sin)
+        q_nope, q_pe = self.project_q(x, freqs_cis)
+        c_kv, k_pe = self.project_kv(x, freqs_cis)
         if batch is None:
             o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe)
         else:
@@ -107,14 +107,8 @@ class MLA(nn.Module):
         """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, V)"""
         outs, nd = [], batch.num_decodes
         if nd:  # all decodes in one absorbed call, padded to the longest context
-            lens = batch.context_lens[:nd]
-            T = max(lens)
-            t = torch.arange(T, device=cache.device)
-            slots = batch.block_tables[:nd, t // batch.block_size] * batch.block_size + t % batch.block_size
-            mask = None  # padding to the longest context needs a mask only when lengths differ
-            if min(lens) < T:
-                mask = (t[None] < torch.tensor(lens, device=cache.device)[:, None])[:, None]  # (B, 1, T)
-            outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], cache[slots], mask)[:, 0])
+            latents = cache[batch.decode_slots]  # (B, T, C + R)
+            outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], latents, batch.decode_mask)[:, 0])
         start = nd
         for i in range(nd, len(batch.query_lens)):  # prefill chunks, one sequence at a time
             S, T = batch.query_lens[i], batch.context_lens[i]

@@ -75,6 +75,8 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
         """Group (token, slot) pairs by expert and run only the experts that received tokens."""
         N, K = ids_NK.shape
+        if N == 1 and not (torch.is_grad_enabled() and self.w1.requires_grad):
+            return self._one_token(x_ND, weights_NK, ids_NK)
         order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
         counts_E = torch.bincount(ids_NK.flatten(), minlength=self.w1.shape[0])
         token_of = order // K
@@ -88,6 +90,12 @@ class Experts(nn.Module):
             ys = self._looped(xs, counts_E)
         ys = ys * weights_NK.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
+
+    def _one_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, ids_1K: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: the K experts straight on the token, no sort or scatter (a third fewer ops per layer)."""
+        ys_KD = torch.cat([F.linear(F.silu(F.linear(x_1D, self.w1[e])) * F.linear(x_1D, self.w3[e]), self.w2[e])
+                           for e in ids_1K[0].tolist()])
+        return torch.mm(weights_1K.to(ys_KD.dtype), ys_KD).to(x_1D.dtype)  # (1, D)
 
     def _grouped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs = counts_E.cumsum(0).to(torch.int32)

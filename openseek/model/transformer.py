@@ -23,9 +23,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: ForwardBatch | None = None, cache: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, batch, cache)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
+                cache: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis, batch, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -44,10 +44,10 @@ class MTPLayer(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         # Embedding first, then hidden state: the order that works with the released weights (reference §5.4).
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1))  # (B, S, D)
-        return self.norm(self.block(x, cos, sin))
+        return self.norm(self.block(x, freqs_cis))
 
 
 class Transformer(nn.Module):
@@ -68,18 +68,18 @@ class Transformer(nn.Module):
         """Final-normed hidden states (B, S, D) of a causal forward over input_ids (B, S)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        cos, sin = self.rotary(positions)  # (B, S, R/2)
+        freqs_cis = self.rotary(positions)  # (B, S, R/2) complex
         x = self.embed(input_ids)  # (B, S, D)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, freqs_cis)
         return self.norm(x)
 
     def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, D) of N packed new tokens, reading and extending kv_cache (layers, slots, C + R)."""
-        cos, sin = self.rotary(batch.positions[None])  # (1, N, R/2)
+        freqs_cis = self.rotary(batch.positions[None])  # (1, N, R/2) complex
         x = self.embed(input_ids)[None]  # (1, N, D)
         for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, batch, cache)
+            x = layer(x, freqs_cis, batch, cache)
         return self.norm(x[0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
