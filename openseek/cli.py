@@ -283,8 +283,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
     from .train.config import TRAIN_PRESETS, TrainConfig
 
-    p = sub.add_parser("train", help="pre-train an MLA + DeepSeekMoE model with the DeepSeek-V2 recipe",
-                       description="Every TrainConfig field is a flag; unset flags keep the preset's value.")
+    # allow_abbrev=False: with flags derived from fields, a prefix (--init of --init-std) must not silently match
+    p = sub.add_parser("train", help="pre-train or fine-tune (--sft) an MLA + DeepSeekMoE model, DeepSeek-V2 recipe",
+                       description="Every TrainConfig field is a flag; unset flags keep the preset's value.",
+                       allow_abbrev=False)
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(TRAIN_PRESETS)} (default: tiny)")
     p.add_argument("--config", metavar="FILE", help="a TrainConfig JSON file (instead of --preset)")
     p.add_argument("--out", default="out", help="output folder: metrics.jsonl, checkpoints/, model/")
@@ -292,13 +294,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     for f in dataclasses.fields(TrainConfig):  # flags derived from the fields: defaults live in one place
-        kind = {int: int, float: float, str: str, "int": int, "float": float, "str": str}.get(f.type)
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).removesuffix(" | None"))
         if f.name == "data":
             p.add_argument("--data", nargs="+", default=None, metavar="PATH", help="text files or folders")
         elif f.type in (bool, "bool"):
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", default=None)
-        elif kind is not None or f.type in ("float | None",):
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind or float, default=None)
+        elif kind is not None:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
     p.set_defaults(run=cmd_train)
 
 

@@ -106,3 +106,10 @@ def test_sft_fine_tunes_an_exported_model_and_lowers_answer_loss(corpus, tmp_pat
 def test_sft_without_init_names_the_field():
     with pytest.raises(ValueError, match="sft=True needs init"):
         train_preset("demo-sft")
+
+
+def test_cli_flags_for_optional_fields_are_not_prefixes_of_others():
+    from openseek.cli import build_parser
+    args = build_parser().parse_args(["train", "--preset", "demo-sft", "--sft", "--init", "runs/demo/model",
+                                      "--capacity-factor", "1.5"])
+    assert (args.init, args.sft, args.capacity_factor, args.init_std) == ("runs/demo/model", True, 1.5, None)
