@@ -76,18 +76,23 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out + moe.shared(x)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["grouped_gemm", "looped_for_autograd"])
-def test_stacked_dispatch_matches_naive_loop(grad):
+@pytest.mark.parametrize("tokens, grad", [(37, False), (1, False), (37, True)],
+                         ids=["grouped_gemm", "one_token_decode", "looped_for_autograd"])
+def test_stacked_dispatch_matches_naive_loop(tokens, grad):
     cfg = tiny_cfg(n_routed_experts=16, num_experts_per_tok=3, hidden_size=16, moe_intermediate_size=8)
     torch.manual_seed(0)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(37, 16)
+    x = torch.randn(tokens, 16, requires_grad=grad)
     with torch.set_grad_enabled(grad):
         got = moe(x)
-    with torch.no_grad():
-        torch.testing.assert_close(got.detach(), naive_moe(moe, x), atol=1e-5, rtol=1e-5)
-    if grad:
-        got.sum().backward()
-        assert moe.experts.w1.grad is not None and moe.gate.weight.grad is not None
+    with torch.set_grad_enabled(grad):
+        want = naive_moe(moe, x)
+    torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+    if grad:  # gradients of every parameter and of the input, against the naive loop's
+        upstream = torch.randn_like(got)
+        params = [x, *moe.parameters()]
+        for g_got, g_want in zip(torch.autograd.grad(got, params, upstream),
+                                 torch.autograd.grad(want, params, upstream)):
+            torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)

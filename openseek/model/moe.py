@@ -108,12 +108,10 @@ class Experts(nn.Module):
         if torch.is_grad_enabled() and w1.requires_grad:
             # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
             w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-        ys, start = [], 0
-        for e, c in enumerate(counts_E.tolist()):
-            if c:
-                xe = xs[start:start + c]
-                ys.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
-                start += c
+        # split, not slicing: a slice's backward writes its gradient into a zero-filled copy of all of xs (a full
+        # (N*K, D) fill per expert, 13% of a training step); split's backward concatenates
+        ys = [F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
+              for e, xe in enumerate(xs.split(counts_E.tolist())) if len(xe)]
         return torch.cat(ys)
 
 
