@@ -262,11 +262,15 @@ def discussion(results: list[Result], s: Setting) -> list[str]:
         f"{verdict(mla.bpb < mha.bpb)}.",
         f"- **Sharing keys and values**, {order('attention', mha, gqa, mqa)} bits/byte. DeepSeek-V2 (appendix D.1) "
         f"finds quality falling from MHA to GQA to MQA; that order {verdict(mha.bpb <= gqa.bpb <= mqa.bpb)}.",
-        f"- **FFN**, {order('ffn', r['MLA'], gshard, dsm)} bits/byte. DeepSeekMoE claims to beat "
-        f"GShard at equal total and activated parameters, and MoE to beat dense at equal activated parameters; "
-        f"the order DeepSeekMoE, GShard, dense {verdict(dsm.bpb < gshard.bpb < r['MLA'].bpb)}. The MoE runs hold "
+        f"- **FFN**, {order('ffn', r['MLA'], gshard, dsm)} bits/byte. DeepSeekMoE (Dai et al. 2024) beats GShard "
+        f"at equal total and activated parameters: that {verdict(dsm.bpb < gshard.bpb)}. An MoE beats a dense FFN "
+        f"of the same activated size: that {verdict(min(dsm.bpb, gshard.bpb) < r['MLA'].bpb)}. The MoE runs hold "
         f"{gshard.total / r['MLA'].total:.1f}x (GShard) and {dsm.total / r['MLA'].total:.1f}x (DeepSeekMoE) the "
-        f"dense run's parameters for the same activated count.",
+        f"dense run's parameters for the same activated count; with {tokens / 1e6:.2f}M tokens each routed expert "
+        f"trains on a fraction of them, so an MoE's extra capacity needs a longer run to pay off.",
+        "- **Reading the attention table**: the variants differ in KV heads *and*, to even out activated "
+        "parameters, in FFN width (MHA/GQA/MQA take the parameters MLA spends on its up-projections into a wider "
+        "FFN); at this scale the FFN width can matter more than how keys and values are shared.",
         f"- **How far to trust this**: one seed, {tokens / 1e6:.2f}M training tokens per run and about "
         f"{mla.activated / 1e6:.1f}M activated parameters, orders of magnitude below the papers; run-to-run noise "
         f"is not measured, so gaps of a few thousandths of a bit per byte may not survive another seed. Tokens/s "
@@ -359,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", nargs="+", help="corpus files or folders (default: the Python standard library)")
     p.add_argument("--out", help=f"runs and packed data (default {BENCH_DIR / 'ablation'}, or ablation-quick)")
     p.add_argument("--docs", help="folder for ablation.md and ablation.png (default docs/; --out with --quick)")
+    p.add_argument("--from-results", action="store_true", help="no training: rewrite the tables, docs and plot "
+                                                                 "from OUT/results.json of an earlier run")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("vocab", args.vocab_size)) if v is not None}
     s = dataclasses.replace(QUICK if args.quick else Setting(), **overrides)
@@ -366,11 +372,16 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or BENCH_DIR / ("ablation-quick" if args.quick else "ablation"))
     docs = Path(args.docs or (out if args.quick else Path(__file__).resolve().parent.parent / "docs"))
     print(machine_line())
-    results, prepared = run_ablation(s, out, data)
+    if args.from_results:
+        results = [Result(**{**r, "tables": tuple(r["tables"])}) for r in json.loads((out / "results.json").read_text())]
+        prepared = prepare_data(train_config(s, {}, data), out)
+    else:
+        results, prepared = run_ablation(s, out, data)
     for name, title in TABLES.items():
         print(f"\n{title}, {s.steps} steps x {s.batch} x {s.seq_len} tokens:")
         print(table(results, name))
-    command = shlex.join(["python", "bench/ablation.py", *(sys.argv[1:] if argv is None else argv)])
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--from-results"]
+    command = shlex.join(["python", "bench/ablation.py", *given])
     corpus = ", ".join(data) if data else "the Python standard library (*.py)"
     print(f"\nwrote {write_docs(results, s, prepared, docs, command, corpus)} and {docs / 'ablation.png'}")
 

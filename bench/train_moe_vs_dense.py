@@ -1,7 +1,7 @@
 """DeepSeekMoE against a dense FFN of the same activated size, trained on the same tokens; and one training
 step of openseek against transformers' DeepseekV2ForCausalLM (same config, batch and data).
 
-    python bench/train_moe_vs_dense.py [--steps 300] [--out /tmp/openseek-bench/train]
+    python bench/train_moe_vs_dense.py [--steps 300] [--out /tmp/openseek-bench/train] [--step-only]
 
 Both runs use the `small` preset's attention, tokenizer, data order and schedule; only the FFN differs. The
 step timing runs forward + backward + AdamW on identical weights and batches, openseek and transformers
@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default=str(BENCH_DIR / "train"))
     p.add_argument("--step-repeats", type=int, default=5)
+    p.add_argument("--step-only", action="store_true", help="time the training step only; skip the two runs")
     args = p.parse_args()
     out = Path(args.out)
     print(machine_line())
@@ -108,6 +109,8 @@ def main() -> None:
     print(f"\none training step, batch {moe_cfg.batch_size} x {moe_cfg.seq_len} (loss gap on step 1: {gap:.1e}):")
     print(markdown_table(["transformers s/step", "openseek s/step", "speed-up"],
                          [[f"{theirs_s:.3f}", f"{ours_s:.3f}", f"{theirs_s / ours_s:.2f}x"]]))
+    if args.step_only:
+        return
     rows = []
     for name, cfg in (("DeepSeekMoE (fine-grained + shared)", moe_cfg), ("dense FFN, same activated size", dense_cfg)):
         r = run(name.split()[0].lower(), cfg, out)
