@@ -12,7 +12,7 @@ from typing import Iterator, TextIO
 from .engine.engine import LLM, Prompt
 from .engine.sampler import SamplingParams
 
-HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+HELP = "commands: /reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply (at the prompt: quits)"
 
 
 def stream(llm: LLM, request_id: str, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
