@@ -56,6 +56,22 @@ def test_chunked_prefill_prefix_hits_and_small_batches_change_nothing(folder, kw
     assert [o.outputs[0].token_ids for o in other.generate(ps, GREEDY)] == first
 
 
+def test_reset_prefix_cache_forgets_prefixes_and_keeps_the_pool_whole(folder):
+    llm = LLM(folder, block_size=4)
+    p = {"prompt_token_ids": prompts(1, seed=7)[0]["prompt_token_ids"] * 4}  # full blocks to cache
+    first = llm.generate(p, GREEDY)[0]
+    assert llm.generate(p, GREEDY)[0].num_cached_tokens > 0
+    llm.add_request("running", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.step()  # a sequence holds blocks while the cache is reset
+    llm.reset_prefix_cache()
+    again = llm.generate(p, GREEDY)[0]  # runs alongside "running", which finishes too
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.generate(p, GREEDY)[0].num_cached_tokens > 0  # prefixes are cached again afterwards
+
+
 def test_preemption_recomputes_and_frees_every_block(folder):
     # 12 blocks of 4 = 48 tokens for 6 sequences of up to ~35 tokens each: preemption is certain
     llm = LLM(folder, block_size=4, max_model_len=48, kv_cache_memory=12 * 4 * llm_bytes(folder))

@@ -84,5 +84,10 @@ class BlockPool:
         self.cached[h] = block
         self.hash_of[block] = h
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix; blocks in use keep their contents, only their findability goes."""
+        self.cached.clear()
+        self.hash_of = [None] * self.num_blocks
+
     def usage(self) -> float:
         return 1.0 - len(self.free) / self.num_blocks

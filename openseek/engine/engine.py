@@ -106,6 +106,10 @@ class LLM:
         self._rng = random.Random(seed)
         self._next_id = 0
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes, so the next requests compute their prompts in full (benchmarks; vLLM's name)."""
+        self.pool.reset_prefix_cache()
+
     @property
     def token_capacity(self) -> int:
         return self.pool.num_blocks * self.block_size
