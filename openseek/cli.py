@@ -155,9 +155,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---- convert ---------------------------------------------------------------------------------------------------
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
 def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another dtype (fp8 blocks dequantised), tokenizer "
                                        "files copied",
@@ -175,6 +172,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from .model import load_pretrained, save_pretrained
+    from .tokenizer import TOKENIZER_FILES
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():

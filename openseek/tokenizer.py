@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 
+# The files that make a model folder's tokenizer: copied along whenever a model is exported or converted.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
 def _byte_alphabet() -> dict[str, int]:
     """GPT-2's byte-level alphabet inverted: printable bytes stand for themselves, the rest for U+0100 onwards."""
     keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import Transformer, save_pretrained
+from ..tokenizer import TOKENIZER_FILES
 from .config import TrainConfig
 from .moe_recipe import MoERecipe
 
@@ -155,7 +156,7 @@ def export(model: Transformer, tokenizer_dir: Path, out: Path) -> Path:
     path = out / "model"
     model.config.torch_dtype = "float32"
     save_pretrained(model, path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, path / name)
     return path
