@@ -191,7 +191,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # ---- bench -----------------------------------------------------------------------------------------------------
-BENCHMARKS = ("forward", "throughput", "capacity")
+BENCHMARKS = ("forward", "throughput", "capacity", "serve", "train_moe_vs_dense", "ablation")
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
