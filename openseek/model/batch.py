@@ -31,11 +31,14 @@ class ForwardBatch:
             lens = self.context_lens[:nd]
             T = max(lens)
             t = torch.arange(T, device=self.block_tables.device)
-            self.decode_slots = self.block_tables[:nd, t // self.block_size] * self.block_size + t % self.block_size
+            self.decode_slots = self._slots(self.block_tables[:nd], t)
             if min(lens) < T:
                 self.decode_mask = (t[None] < torch.tensor(lens, device=t.device)[:, None])[:, None]
 
     def gather_slots(self, seq: int, length: int) -> torch.Tensor:
         """Cache rows holding tokens 0..length-1 of sequence `seq`. -> (length,)"""
-        t = torch.arange(length, device=self.block_tables.device)
-        return self.block_tables[seq, t // self.block_size] * self.block_size + t % self.block_size
+        return self._slots(self.block_tables[seq], torch.arange(length, device=self.block_tables.device))
+
+    def _slots(self, tables: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Cache rows of token positions t under block tables (..., P). -> (..., len(t))"""
+        return tables[..., t // self.block_size] * self.block_size + t % self.block_size

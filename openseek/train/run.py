@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..model import Transformer
+from ..model import Transformer, load_pretrained
 from ..summary import count_parameters
-from ..model import load_pretrained
 from ..tokenizer import Tokenizer
 from . import bpe, data, distributed, sft
 from .config import TrainConfig
@@ -51,7 +50,7 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
     return Prepared(tok_dir, train_set, val_set, (tokenizer.bos_token_id, tokenizer.eos_token_id))
 
 
-def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset, dtype: torch.dtype,
+def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset | sft.ChatDataset, dtype: torch.dtype,
                world: distributed.World = distributed.World()) -> dict:
     """Mean loss and bits per byte over the first eval_batches batches of the validation split (rows over ranks)."""
     batches = data.validation_batches(ds, cfg.batch_size // cfg.grad_accum, cfg.seq_len, world.rank, world.size)
