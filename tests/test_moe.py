@@ -76,8 +76,9 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out + moe.shared(x)
 
 
-@pytest.mark.parametrize("tokens, grad", [(37, False), (1, False), (37, True)],
-                         ids=["grouped_gemm", "one_token_decode", "looped_for_autograd"])
+@pytest.mark.parametrize("tokens, grad", [(37, False), (1, False), (3, False), (37, True), (300, True)],
+                         ids=["grouped_gemm", "one_token_decode", "looped_few_tokens", "padded_for_autograd",
+                              "padded_groups_over_pad_to"])
 def test_stacked_dispatch_matches_naive_loop(tokens, grad):
     cfg = tiny_cfg(n_routed_experts=16, num_experts_per_tok=3, hidden_size=16, moe_intermediate_size=8)
     torch.manual_seed(0)

@@ -15,6 +15,8 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import SwiGLU
 
+PAD_TO = 64  # training pads each expert's tokens to a multiple of this: few distinct GEMM shapes
+
 
 class Router(nn.Module):
     """Scores in float32; top-k greedy, group-limited (V2) or noaux_tc with a selection bias (V3)."""
@@ -75,19 +77,17 @@ class Experts(nn.Module):
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
         """Group (token, slot) pairs by expert and run only the experts that received tokens."""
         N, K = ids_NK.shape
-        if N == 1 and not (torch.is_grad_enabled() and self.w1.requires_grad):
+        if torch.is_grad_enabled() and self.w1.requires_grad:
+            return self._padded(x_ND, weights_NK, ids_NK)
+        if N == 1:
             return self._one_token(x_ND, weights_NK, ids_NK)
         order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
         counts_E = torch.bincount(ids_NK.flatten(), minlength=self.w1.shape[0])
         token_of = order // K
         xs = x_ND[token_of]  # (N*K, D), grouped by expert
-        # grouped_mm visits every expert, empty or not: for a few tokens (decode) a loop over the hit ones is
-        # cheaper. It also has no working backward on CPU in torch 2.13.
-        if hasattr(torch, "_grouped_mm") and N * K >= len(counts_E) and \
-                not (torch.is_grad_enabled() and self.w1.requires_grad):
-            ys = self._grouped(xs, counts_E)
-        else:
-            ys = self._looped(xs, counts_E)
+        # grouped_mm visits every expert, empty or not: for a few tokens (decode) a loop over the hit ones is cheaper
+        ys = self._grouped(xs, counts_E) if hasattr(torch, "_grouped_mm") and N * K >= len(counts_E) \
+            else self._looped(xs, counts_E)
         ys = ys * weights_NK.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
 
@@ -104,15 +104,37 @@ class Experts(nn.Module):
         return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (N*K, D)
 
     def _looped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        if torch.is_grad_enabled() and w1.requires_grad:
-            # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
-            w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-        # split, not slicing: a slice's backward writes its gradient into a zero-filled copy of all of xs (a full
-        # (N*K, D) fill per expert, 13% of a training step); split's backward concatenates
-        ys = [F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
+        ys = [F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
               for e, xe in enumerate(xs.split(counts_E.tolist())) if len(xe)]
         return torch.cat(ys)
+
+    def _padded(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
+        """Training: a GEMM per expert over its pairs padded to a multiple of PAD_TO rows.
+
+        grouped_mm has no backward on CPU (torch 2.13). oneDNN, which runs bf16 GEMMs there, compiles a kernel
+        for every new shape (~1.5 ms), and per-expert token counts change every step; padded counts repeat.
+        """
+        N, K = ids_NK.shape
+        ids = ids_NK.flatten()
+        order = ids.argsort(stable=True)  # (N*K,) pairs sorted by expert
+        counts_E = torch.bincount(ids, minlength=self.w1.shape[0])
+        padded_E = (counts_E + PAD_TO - 1) // PAD_TO * PAD_TO
+        shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)  # padding before each group
+        slot = torch.arange(N * K, device=ids.device) + shift_E[ids[order]]  # (N*K,) row of each sorted pair
+        # P rows; padding rows read token 0 and carry gate weight 0, so they add nothing, forward or backward
+        token_P = ids.new_zeros(int(padded_E.sum())).index_copy_(0, slot, order // K)
+        gate_P = weights_NK.new_zeros(len(token_P)).index_copy(0, slot, weights_NK.flatten()[order])
+        # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        groups = zip(x_ND.index_select(0, token_P).split(padded_E.tolist()), gate_P.split(padded_E.tolist()))
+        # the gate weight scales the hidden (P, F) rather than the output (P, D): the same product, fewer bytes
+        ys = torch.cat([_swiglu_scaled(xe, w1[e], w2[e], w3[e], ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
+        return torch.zeros_like(x_ND).index_add_(0, token_P, ys.to(x_ND.dtype))  # ys: (P, D)
+
+
+def _swiglu_scaled(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, gate: torch.Tensor):
+    h = F.silu(F.linear(x, w1)) * F.linear(x, w3)
+    return F.linear(h * gate[:, None].to(h.dtype), w2)
 
 
 RouteHook = Callable[["MoE", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
