@@ -9,7 +9,7 @@ import torch
 
 from openseek.tokenizer import Tokenizer
 from openseek.train.config import train_preset
-from openseek.train.data import IGNORE_INDEX
+from openseek.train.loss import IGNORE_INDEX
 from openseek.train.run import train
 from openseek.train.sft import Example, build_chat_dataset, instruction_pairs
 

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer as Backend
 
 from openseek.tokenizer import Tokenizer
 from openseek.train.bpe import BOS, CHAT_TEMPLATE, EOS, train_tokenizer
-from openseek.train.data import (IGNORE_INDEX, PackedDataset, TokenLoader, bits_per_byte, corpus_files, pack_tokens,
+from openseek.train.loss import IGNORE_INDEX
+from openseek.train.data import (PackedDataset, TokenLoader, bits_per_byte, corpus_files, pack_tokens,
                                  split_files, validation_batches)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from ..tokenizer import Tokenizer
+from .loss import IGNORE_INDEX  # the padded targets of the last validation batch
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json")
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})  # and hidden folders (.git, .venv)
-IGNORE_INDEX = -100  # F.cross_entropy's default: the padded targets of the last validation batch
 PACK_FORMAT = 1  # bump when the shard layout changes, so old packs are rebuilt
 
 

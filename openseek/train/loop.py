@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import Transformer, save_pretrained
 from ..tokenizer import TOKENIZER_FILES
 from .config import TrainConfig
+from .loss import IGNORE_INDEX, linear_cross_entropy
 from .moe_recipe import MoERecipe
 
 
@@ -73,9 +73,10 @@ class StepResult:
 
 
 def lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean cross-entropy of the next tokens y (B, S) after x (B, S); the head fused with the loss (loss.py)."""
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(x)  # (B, S, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        h = model.hidden_states(x)  # (B, S, D)
+        return linear_cross_entropy(h.flatten(0, 1), model.head.weight, y.flatten())
 
 
 def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe, micro_batches: list,
@@ -112,7 +113,7 @@ def evaluate(model: Transformer, batches, dtype: torch.dtype) -> tuple[float, in
     model.eval()
     nats, n = 0.0, 0
     for x, y in batches:
-        n_valid = int((y != -100).sum())  # the last validation batch is padded with ignored targets
+        n_valid = int((y != IGNORE_INDEX).sum())  # the last validation batch is padded with ignored targets
         loss = lm_loss(model, x, y, dtype)  # even when all padding: expert parallelism needs every rank's forward
         if n_valid:
             nats += loss.item() * n_valid

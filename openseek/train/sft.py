@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import Tokenizer
-from .data import IGNORE_INDEX, _read_text
+from .data import _read_text
+from .loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

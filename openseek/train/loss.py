@@ -1,0 +1,64 @@
+"""The LM loss fused with the output head: cross-entropy of h @ W^T without the (N, V) logits.
+
+Shapes: N tokens, D model dim, V vocabulary, c tokens per chunk.
+
+Chunks of tokens compute their logits, loss and gradients in the forward pass (as Liger Kernel's fused linear
+cross-entropy does), so the full logits, their float32 copy, log-softmax and its gradient are never written out:
+on CPU those passes over N x V floats cost more than the head's GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # F.cross_entropy's default
+CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in float32): a chunk's work stays in cache
+
+
+def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """Mean of F.cross_entropy(h_ND @ w_VD.T, targets_N) over targets not IGNORE_INDEX (NaN if none)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h_ND.dtype
+    with torch.autocast("cpu", enabled=False):
+        if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
+            return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, dtype)
+        return _forward(h_ND.to(dtype), w_VD.to(dtype), targets_N, with_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, targets_N, dtype):
+        loss, grad_h, grad_w = _forward(h_ND.to(dtype), w_VD.to(dtype), targets_N, with_grads=True)
+        ctx.save_for_backward(grad_h.to(h_ND.dtype), grad_w.to(w_VD.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+
+
+def _forward(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, with_grads: bool):
+    """(mean loss, d loss / d h, d loss / d w in float32), chunk by chunk; gradients only when with_grads."""
+    N, V = targets_N.numel(), w_VD.shape[0]
+    targets_N = targets_N.flatten()
+    valid_N = targets_N != IGNORE_INDEX
+    n_valid = valid_N.sum()
+    total = torch.zeros((), dtype=torch.float32)
+    grad_h = torch.empty_like(h_ND) if with_grads else None
+    grad_w = torch.zeros(w_VD.shape, dtype=torch.float32) if with_grads else None
+    chunk = max(1, CHUNK_LOGITS // V)
+    for s in range(0, N, chunk):
+        h_cD, t_c, valid_c = h_ND[s:s + chunk], targets_N[s:s + chunk], valid_N[s:s + chunk]
+        logits_cV = F.linear(h_cD, w_VD).float()
+        lse_c = logits_cV.logsumexp(-1)
+        t_c = t_c.masked_fill(~valid_c, 0)
+        total += ((lse_c - logits_cV.gather(1, t_c[:, None])[:, 0]) * valid_c).sum()
+        if with_grads:  # d(mean loss)/d logits = (softmax - one_hot(target)) / n_valid, zero for ignored rows
+            g_cV = logits_cV.sub_(lse_c[:, None]).exp_()
+            g_cV.scatter_add_(1, t_c[:, None], -torch.ones(len(t_c), 1))
+            g_cV.mul_((valid_c / n_valid.clamp(min=1))[:, None])
+            g_cV = g_cV.to(h_ND.dtype)
+            torch.mm(g_cV, w_VD, out=grad_h[s:s + chunk])
+            grad_w += torch.mm(g_cV.T, h_cD)
+    return total / n_valid, grad_h, grad_w
