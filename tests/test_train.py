@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from openseek.train import data
 from openseek.train.config import train_preset
 from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_at, train_step
 from openseek.train.run import train

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import SwiGLU
+from .layers import SwiGLU, matmul_dtype
 
 PAD_TO = 64  # training pads each expert's tokens to a multiple of this: few distinct GEMM shapes
 
@@ -126,7 +126,9 @@ class Experts(nn.Module):
         gate_P = weights_NK.new_zeros(len(token_P)).index_copy(0, slot, weights_NK.flatten()[order])
         # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        groups = zip(x_ND.index_select(0, token_P).split(padded_E.tolist()), gate_P.split(padded_E.tolist()))
+        # cast before the gather, which then moves half the bytes (P = N*K + padding rows, of D values)
+        xs = x_ND.to(matmul_dtype(x_ND)).index_select(0, token_P)
+        groups = zip(xs.split(padded_E.tolist()), gate_P.split(padded_E.tolist()))
         # the gate weight scales the hidden (P, F) rather than the output (P, D): the same product, fewer bytes
         ys = torch.cat([_swiglu_scaled(xe, w1[e], w2[e], w3[e], ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
         return torch.zeros_like(x_ND).index_add_(0, token_P, ys.to(x_ND.dtype))  # ys: (P, D)

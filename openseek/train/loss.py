@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model.layers import matmul_dtype
+
 IGNORE_INDEX = -100  # F.cross_entropy's default
 CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in float32): a chunk's work stays in cache
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """Mean of F.cross_entropy(h_ND @ w_VD.T, targets_N) over targets not IGNORE_INDEX (NaN if none)."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h_ND.dtype
-    with torch.autocast("cpu", enabled=False):
+    dtype = matmul_dtype(h_ND)
+    with torch.autocast(h_ND.device.type, enabled=False):
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, dtype)
         return _forward(h_ND.to(dtype), w_VD.to(dtype), targets_N, with_grads=False)[0]
@@ -44,9 +46,9 @@ def _forward(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, wi
     targets_N = targets_N.flatten()
     valid_N = targets_N != IGNORE_INDEX
     n_valid = valid_N.sum()
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     grad_h = torch.empty_like(h_ND) if with_grads else None
-    grad_w = torch.zeros(w_VD.shape, dtype=torch.float32) if with_grads else None
+    grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if with_grads else None
     chunk = max(1, CHUNK_LOGITS // V)
     for s in range(0, N, chunk):
         h_cD, t_c, valid_c = h_ND[s:s + chunk], targets_N[s:s + chunk], valid_N[s:s + chunk]
@@ -56,7 +58,7 @@ def _forward(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, wi
         total += ((lse_c - logits_cV.gather(1, t_c[:, None])[:, 0]) * valid_c).sum()
         if with_grads:  # d(mean loss)/d logits = (softmax - one_hot(target)) / n_valid, zero for ignored rows
             g_cV = logits_cV.sub_(lse_c[:, None]).exp_()
-            g_cV.scatter_add_(1, t_c[:, None], -torch.ones(len(t_c), 1))
+            g_cV.scatter_add_(1, t_c[:, None], g_cV.new_full((len(t_c), 1), -1.0))
             g_cV.mul_((valid_c / n_valid.clamp(min=1))[:, None])
             g_cV = g_cV.to(h_ND.dtype)
             torch.mm(g_cV, w_VD, out=grad_h[s:s + chunk])
