@@ -32,3 +32,17 @@ def test_rmsnorm_forward_and_gradients_match_autograd_of_the_formula(dtype):
         # in bf16 the formula's autograd also rounds the gradient at the cast back to bf16; this does not
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_rmsnorm_emits_the_autocast_dtype_in_training():
+    """Under autocast a norm's output only feeds matmuls, so it is cast once there: the formula, rounded."""
+    torch.manual_seed(0)
+    norm = RMSNorm(24)
+    x = torch.randn(3, 24, requires_grad=True)
+    with torch.no_grad():
+        want = norm(x).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = norm(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    got.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0

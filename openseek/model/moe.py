@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import SwiGLU, matmul_dtype
+from .layers import SwiGLU, autocast_dtype
 
 PAD_TO = 64  # training pads each expert's tokens to a multiple of this: few distinct GEMM shapes
 
@@ -124,10 +124,11 @@ class Experts(nn.Module):
         # P rows; padding rows read token 0 and carry gate weight 0, so they add nothing, forward or backward
         token_P = ids.new_zeros(int(padded_E.sum())).index_copy_(0, slot, order // K)
         gate_P = weights_NK.new_zeros(len(token_P)).index_copy(0, slot, weights_NK.flatten()[order])
+        # cast once, not per expert (under autocast), and before the gather, which then moves half the bytes;
         # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        # cast before the gather, which then moves half the bytes (P = N*K + padding rows, of D values)
-        xs = x_ND.to(matmul_dtype(x_ND)).index_select(0, token_P)
+        dtype = autocast_dtype(x_ND) or x_ND.dtype
+        w1, w2, w3 = (w.to(dtype).unbind(0) for w in (self.w1, self.w2, self.w3))
+        xs = x_ND.to(dtype).index_select(0, token_P)  # (P, D): P = N*K pairs + padding rows
         groups = zip(xs.split(padded_E.tolist()), gate_P.split(padded_E.tolist()))
         # the gate weight scales the hidden (P, F) rather than the output (P, D): the same product, fewer bytes
         ys = torch.cat([_swiglu_scaled(xe, w1[e], w2[e], w3[e], ge) for e, (xe, ge) in enumerate(groups) if len(xe)])

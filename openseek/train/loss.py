@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.layers import matmul_dtype
+from ..model.layers import autocast_dtype
 
 IGNORE_INDEX = -100  # F.cross_entropy's default
 CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in float32): a chunk's work stays in cache
@@ -20,7 +20,7 @@ CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in float32): a chunk's work sta
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
     """Mean of F.cross_entropy(h_ND @ w_VD.T, targets_N) over targets not IGNORE_INDEX (NaN if none)."""
-    dtype = matmul_dtype(h_ND)
+    dtype = autocast_dtype(h_ND) or h_ND.dtype
     with torch.autocast(h_ND.device.type, enabled=False):
         if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
             return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, dtype)
