@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from ..model.layers import autocast_dtype
 
 IGNORE_INDEX = -100  # F.cross_entropy's default
-CHUNK_LOGITS = 1 << 20  # logits per chunk (4 MB in float32): a chunk's work stays in cache
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,9 @@ def _forward(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, wi
     total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     grad_h = torch.empty_like(h_ND) if with_grads else None
     grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if with_grads else None
-    chunk = max(1, CHUNK_LOGITS // V)
+    # Liger's rule: ceil(V / D) chunks, so a chunk's logits are about as big as h, and each chunk reads all of
+    # W once for as many tokens as that allows (4096 x 256 -> 4096: 16 chunks of 256 tokens)
+    chunk = -(-N // -(-V // h_ND.shape[1]))
     for s in range(0, N, chunk):
         h_cD, t_c, valid_c = h_ND[s:s + chunk], targets_N[s:s + chunk], valid_N[s:s + chunk]
         logits_cV = F.linear(h_cD, w_VD).float()
