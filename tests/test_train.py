@@ -9,7 +9,7 @@ import torch
 
 from openseek.train.config import train_preset
 from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_at, train_step
-from openseek.train.run import train
+from openseek.train.run import train, train_device
 from openseek.model import Transformer
 
 
@@ -110,3 +110,23 @@ def test_cli_train_resume_and_plot(corpus, tmp_path):
     assert plot.returncode == 0 and (out / "loss.png").stat().st_size > 1000 and (out / "expert_load.png").exists()
     bad = subprocess.run(base + ["--grad-accum", "3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "grad_accum=3" in bad.stderr
+
+
+def test_device_is_validated_and_resolved():
+    with pytest.raises(ValueError, match="train config device='gpu' is invalid: allowed: auto, cpu, cuda"):
+        train_preset("tiny", device="gpu")
+    assert train_preset("tiny").device == "cpu"  # tests and smoke runs stay on the CPU, bit-exact
+    assert train_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert train_device("auto").type == "cuda"
+    else:
+        assert train_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="device='cuda': no CUDA device is available"):
+            train_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA device"):
+        train(train_preset("tiny", device="cuda"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ from ..config import ModelConfig
 
 SCHEDULES = ("step", "cosine")
 DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     clip: float = 1.0
     dtype: str = "float32"  # autocast dtype for the forward
+    device: str = "auto"  # auto: cuda when a GPU is available (one per rank under torchrun), else cpu
     seed: int = 0
     # the MoE recipe (balance losses, device-limited routing via the router's groups, dropping, V3 options)
     alpha1: float = 0.003
@@ -71,6 +73,7 @@ class TrainConfig:
             ("warmup", 0 <= self.warmup <= self.steps, "must lie in [0, steps]"),
             ("schedule", self.schedule in SCHEDULES, f"allowed: {', '.join(SCHEDULES)}"),
             ("dtype", self.dtype in DTYPES, f"allowed: {', '.join(DTYPES)}"),
+            ("device", self.device in DEVICES, f"allowed: {', '.join(DEVICES)}"),
             ("clip", self.clip > 0, "must be > 0"), ("keep_last", self.keep_last >= 1, "must be >= 1"),
             ("val_fraction", 0 < self.val_fraction < 1, "must lie in (0, 1)"),
             ("device_limit", 1 <= self.device_limit <= self.n_devices, "must lie in [1, n_devices]"),
@@ -136,9 +139,9 @@ _DEMO_MODEL = dict(_SMALL_MODEL, num_hidden_layers=6, moe_intermediate_size=96, 
                    num_experts_per_tok=4, max_position_embeddings=2048)
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # seconds on 2 cores: tests and smoke runs
+    # seconds on 2 cores: tests and smoke runs (on the CPU even beside a GPU: bit-exact resume)
     "tiny": dict(model=_TINY_MODEL, vocab_size=512, seq_len=64, batch_size=8, steps=20, lr=3e-3, warmup=2,
-                 eval_every=10, eval_batches=2, save_every=10, max_tokenizer_bytes=2_000_000),
+                 eval_every=10, eval_batches=2, save_every=10, max_tokenizer_bytes=2_000_000, device="cpu"),
     # a few million parameters; minutes on 2 cores
     "small": dict(model=_SMALL_MODEL, vocab_size=4096, seq_len=256, batch_size=16, steps=600, lr=2e-3,
                   warmup=50, n_devices=4, device_limit=2, alpha1=0.003, alpha2=0.05, alpha3=0.02),

@@ -75,7 +75,8 @@ class StepResult:
 
 def lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean cross-entropy of the next tokens y (B, S) after x (B, S); the head fused with the loss (loss.py)."""
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    x, y = x.to(model.device), y.to(model.device)
+    with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
         h = model.hidden_states(x)  # (B, S, D)
         return linear_cross_entropy(h.flatten(0, 1), model.head.weight, y.flatten())
 
@@ -92,7 +93,7 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe
         recipe.reset()
         loss = lm_loss(model, x, y, dtype)
         aux = recipe.step_losses()
-        (loss + sum(aux.values(), torch.zeros(()))).div(len(micro_batches)).backward()
+        (loss + sum(aux.values(), loss.new_zeros(()))).div(len(micro_batches)).backward()
         total += loss.item() / len(micro_batches)
         for k, v in aux.items():
             aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / len(micro_batches)
@@ -184,11 +185,15 @@ def throughput(tokens: int, seconds: float, flops_per_token: float, peak_flops: 
     return {"tokens_per_s": tps, "mfu": tps * flops_per_token / peak_flops if peak_flops else 0.0}
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a large matmul on this machine: the denominator of model FLOPs utilisation."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def measure_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> float:
+    """FLOP/s of a large matmul on this device: the denominator of model FLOPs utilisation."""
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(5):
         a @ b
+    sync()
     return 5 * 2 * n**3 / (time.perf_counter() - t)

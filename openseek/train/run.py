@@ -80,8 +80,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int 
         distributed.teardown(world)
 
 
+def train_device(name: str) -> torch.device:
+    """The device a run trains on: cuda is this rank's GPU (distributed.setup picks it under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train config device='cuda': no CUDA device is available; use device='cpu'")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progress: bool,
            world: distributed.World) -> Path | None:
+    device = train_device(cfg.device)  # before any work: a bad device fails at once
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
@@ -94,7 +106,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
         init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
     if cfg.expert_parallel:
         distributed.shard_experts(model, world)
-    model.train()
+    model.to(device).train()
     recipe = build_recipe(cfg)
     recipe.install(model)
     opt = build_optimizer(model, cfg)
@@ -104,7 +116,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
     if resume and ckpt is None:
         raise ValueError(f"--resume: no checkpoint in {out}/checkpoints")
     if ckpt is not None:
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")  # loading copies to the model's device
         if state["config"] != cfg.to_dict():
             raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
         distributed.load_full_state_dict(model, state["model"], world)
@@ -118,7 +130,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
     dtype = getattr(torch, cfg.dtype)
     counts = count_parameters(model.config)
     flops_per_token = 6 * counts.activated_excl_embedding
-    peak = measure_peak_flops(dtype) * world.size if world.is_main else 0.0
+    peak = measure_peak_flops(dtype, model.device) * world.size if world.is_main else 0.0
     sync = distributed.GradSync(model, recipe, world) if world.size > 1 else None
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     bar = _progress(progress, step, cfg.steps)
