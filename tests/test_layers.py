@@ -1,11 +1,12 @@
-"""RMSNorm's hand-written backward against autograd through the plain formula."""
+"""RMSNorm's hand-written backward against autograd through the plain formula; Linear against F.linear."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from openseek.model.layers import RMSNorm
+from openseek.model.layers import Linear, RMSNorm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -46,3 +47,16 @@ def test_rmsnorm_emits_the_autocast_dtype_in_training():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     got.float().sum().backward()
     assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_matches_f_linear(dtype, rows):
+    """One bf16 row takes torch.mv (faster than oneDNN's GEMM at M=1 on CPU); the result is F.linear's."""
+    torch.manual_seed(0)
+    lin = Linear(64, 48).to(dtype)
+    x = torch.randn(1, rows, 64, dtype=dtype)
+    got, want = lin(x), F.linear(x, lin.weight)
+    assert got.shape == want.shape == (1, rows, 48) and got.dtype == dtype
+    tol = 0 if dtype == torch.float32 else 2e-2  # mv and the GEMM may round the bf16 sums differently
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)

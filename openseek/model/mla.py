@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .batch import ForwardBatch
-from .layers import RMSNorm, apply_rope
+from .layers import Linear, RMSNorm, apply_rope
 
 
 FLASH_MIN_LEN = 256  # from this many keys on, pad V so SDPA takes its flash kernel
@@ -32,15 +32,15 @@ class MLA(nn.Module):
         self.kv_lora_rank = C = cfg.kv_lora_rank
         D, qk_dim = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(D, H * qk_dim, bias=False)
+            self.wq = Linear(D, H * qk_dim)
         else:
-            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(D, cfg.q_lora_rank)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(D, C + self.rope_dim, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, H * qk_dim)
+        self.wkv_a = Linear(D, C + self.rope_dim)
         self.kv_norm = RMSNorm(C, cfg.rms_norm_eps)
-        self.wkv_b = nn.Linear(C, H * (self.nope_dim + self.v_dim), bias=False)
-        self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+        self.wkv_b = Linear(C, H * (self.nope_dim + self.v_dim))
+        self.wo = Linear(H * self.v_dim, D)
         self.softmax_scale = cfg.softmax_scale
 
     def project_q(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import SwiGLU, autocast_dtype
+from .layers import SwiGLU, autocast_dtype, linear
 
 PAD_TO = 64  # training pads each expert's tokens to a multiple of this: few distinct GEMM shapes
 
@@ -93,7 +93,7 @@ class Experts(nn.Module):
 
     def _one_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, ids_1K: torch.Tensor) -> torch.Tensor:
         """Batch-1 decode: the K experts straight on the token, no sort or scatter (a third fewer ops per layer)."""
-        ys_KD = torch.cat([F.linear(F.silu(F.linear(x_1D, self.w1[e])) * F.linear(x_1D, self.w3[e]), self.w2[e])
+        ys_KD = torch.cat([linear(F.silu(linear(x_1D, self.w1[e])) * linear(x_1D, self.w3[e]), self.w2[e])
                            for e in ids_1K[0].tolist()])
         return torch.mm(weights_1K.to(ys_KD.dtype), ys_KD).to(x_1D.dtype)  # (1, D)
 
@@ -104,7 +104,7 @@ class Experts(nn.Module):
         return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (N*K, D)
 
     def _looped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        ys = [F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e])
+        ys = [linear(F.silu(linear(xe, self.w1[e])) * linear(xe, self.w3[e]), self.w2[e])
               for e, xe in enumerate(xs.split(counts_E.tolist())) if len(xe)]
         return torch.cat(ys)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .batch import ForwardBatch
-from .layers import RMSNorm, Rotary, SwiGLU
+from .layers import Linear, RMSNorm, Rotary, SwiGLU
 from .mla import MLA
 from .moe import MoE
 
@@ -40,7 +40,7 @@ class MTPLayer(nn.Module):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D)
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
 
@@ -57,7 +57,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         self.rotary = Rotary(cfg)
