@@ -129,6 +129,7 @@ class Experts(nn.Module):
         dtype = autocast_dtype(x_ND) or x_ND.dtype
         w1, w2, w3 = (w.to(dtype).unbind(0) for w in (self.w1, self.w2, self.w3))
         xs = x_ND.to(dtype).index_select(0, token_P)  # (P, D): P = N*K pairs + padding rows
+        # split, not slicing: a slice's backward zero-fills a copy of all of xs per expert; split's concatenates
         groups = zip(xs.split(padded_E.tolist()), gate_P.split(padded_E.tolist()))
         # the gate weight scales the hidden (P, F) rather than the output (P, D): the same product, fewer bytes
         ys = torch.cat([_swiglu_scaled(xe, w1[e], w2[e], w3[e], ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
