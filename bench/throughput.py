@@ -1,6 +1,6 @@
 """Decode throughput of openseek's engine against transformers' generate, on the same checkpoint and prompts.
 
-    python bench/throughput.py [--scenarios 1x256,16x512] [--new-tokens 64] [--repeats 2]
+    python bench/throughput.py [--scenarios 1x256,16x512] [--new-tokens 64] [--repeats 2] [--dtype bfloat16]
 
 Greedy, no early stop. Decode tokens/s = tokens generated after the first / (time to N tokens - time to 1
 token), so prefill is excluded on both sides. Also measures the machine's memory read bandwidth and reports
@@ -30,6 +30,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement (the fastest is kept)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' weights")
     return p.parse_args()
 
 
@@ -61,12 +62,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     make_bench_checkpoint(args.path)
     print(machine_line())
-    llm = openseek.LLM(args.path, dtype=torch.float32, max_num_seqs=64, enable_prefix_caching=False,
+    dtype = getattr(torch, args.dtype)
+    llm = openseek.LLM(args.path, dtype=dtype, max_num_seqs=64, enable_prefix_caching=False,
                        max_model_len=2048, max_num_batched_tokens=4096)
     ref = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
-        ref = AutoModelForCausalLM.from_pretrained(args.path, dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).eval()
     vocab = llm.model.config.vocab_size
     rows, batch1 = [], None
     for n, plen in args.scenarios:
@@ -98,8 +100,8 @@ def main() -> None:
         counts = count_parameters(llm.model.config)
         cfg = llm.model.config
         context = batch1[1] + args.new_tokens / 2  # average cached tokens read per decode step
-        weight_bytes = counts.activated_excl_embedding * 4  # float32; the input embedding is one row
-        cache_bytes = context * cfg.num_hidden_layers * cfg.kv_cache_dim * 4
+        weight_bytes = counts.activated_excl_embedding * dtype.itemsize  # the input embedding is one row
+        cache_bytes = context * cfg.num_hidden_layers * cfg.kv_cache_dim * dtype.itemsize  # the cache: model dtype
         bound = bandwidth / (weight_bytes + cache_bytes)
         print(f"\nmemory read bandwidth {bandwidth / 1e9:.1f} GB/s; bytes per batch-1 decode token: weights "
               f"{weight_bytes / 1e6:.0f} MB + latent cache {cache_bytes / 1e6:.1f} MB -> bound {bound:.1f} tok/s; "
