@@ -24,7 +24,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear without bias. One bf16/fp16 row on CPU runs as torch.mv: oneDNN's GEMM, which runs those dtypes,
     reads the weights 1.5-3.5x slower than mv at M=1, the shape of every projection in batch-1 decode."""
     if x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" \
-            and not torch.is_autocast_enabled("cpu"):
+            and autocast_dtype(x) is None:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
