@@ -97,16 +97,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
-    if cfg.init is not None:
-        model = load_pretrained(cfg.init, dtype=torch.float32)
-    else:
-        mcfg = cfg.model_config()
-        mcfg.bos_token_id, mcfg.eos_token_id = prepared.train_bos_eos
-        model = Transformer(mcfg)
-        init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
-    if cfg.expert_parallel:
-        distributed.shard_experts(model, world)
-    model.to(device).train()
+    model = _build_model(cfg, prepared.train_bos_eos, world).to(device).train()
     recipe = build_recipe(cfg)
     recipe.install(model)
     opt = build_optimizer(model, cfg)
@@ -116,14 +107,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
     if resume and ckpt is None:
         raise ValueError(f"--resume: no checkpoint in {out}/checkpoints")
     if ckpt is not None:
-        state = torch.load(ckpt, weights_only=False, map_location="cpu")  # loading copies to the model's device
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
-        distributed.load_full_state_dict(model, state["model"], world)
-        distributed.load_full_optimizer_state(opt, model, state["optimizer"], world)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step = state["step"]
+        step = _restore(ckpt, cfg, model, opt, loader, world)
     if world.is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = MetricsLog(out / "metrics.jsonl", step) if world.is_main else None
@@ -153,12 +137,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
             val = validation(model, cfg, prepared.val, dtype, world)
             if log is not None:
                 log.write({"kind": "val", "step": step, **val})
-        if step % cfg.save_every == 0 or step == end:  # the single-device layout, gathered on rank 0
-            state = {"step": step, "config": cfg.to_dict(), "model": distributed.full_state_dict(model, world),
-                     "optimizer": distributed.full_optimizer_state(opt, model, world),
-                     "loader": loader.state_dict(), "rng": rng_state()}
-            if world.is_main:
-                save_checkpoint(out, step, state, cfg.keep_last)
+        if step % cfg.save_every == 0 or step == end:
+            _save(out, step, cfg, model, opt, loader, world)
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
     bar.close()
@@ -169,6 +149,43 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
         path = export(full, prepared.tokenizer_dir, out) if world.is_main else out / "model"
     distributed.barrier(world)  # every rank returns once rank 0's checkpoint and export are written
     return path
+
+
+def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int], world: distributed.World) -> Transformer:
+    """The initial model on the CPU: --init's weights, or a fresh one; its routed experts sharded for EP."""
+    if cfg.init is not None:
+        model = load_pretrained(cfg.init, dtype=torch.float32)
+    else:
+        mcfg = cfg.model_config()
+        mcfg.bos_token_id, mcfg.eos_token_id = bos_eos
+        model = Transformer(mcfg)
+        init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
+    if cfg.expert_parallel:
+        distributed.shard_experts(model, world)
+    return model
+
+
+def _restore(ckpt: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
+             loader: data.TokenLoader, world: distributed.World) -> int:
+    """Load a checkpoint into model, optimizer, loader and RNGs; -> its step."""
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")  # loading copies to the model's device
+    if state["config"] != cfg.to_dict():
+        raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
+    distributed.load_full_state_dict(model, state["model"], world)
+    distributed.load_full_optimizer_state(opt, model, state["optimizer"], world)
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
+          loader: data.TokenLoader, world: distributed.World) -> None:
+    """A checkpoint in the single-device layout, gathered on rank 0 (every rank takes part in the gather)."""
+    state = {"step": step, "config": cfg.to_dict(), "model": distributed.full_state_dict(model, world),
+             "optimizer": distributed.full_optimizer_state(opt, model, world),
+             "loader": loader.state_dict(), "rng": rng_state()}
+    if world.is_main:
+        save_checkpoint(out, step, state, cfg.keep_last)
 
 
 def _rename(s: dict) -> dict:
