@@ -88,7 +88,16 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # the modules, so that swapping or hooking them works
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+           gate: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU on raw weights (routed experts are stacked tensors, not modules): w2 (silu(w1 x) * w3 x), each row's
+    hidden optionally scaled by gate (rows,): a routed expert's weight scales its (rows, F) hidden rather than its
+    (rows, D) output, the same product in fewer bytes."""
+    h = F.silu(linear(x, w1)) * linear(x, w3)
+    return linear(h if gate is None else h * gate[:, None].to(h.dtype), w2)
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

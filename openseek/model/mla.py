@@ -94,9 +94,10 @@ class MLA(nn.Module):
         cost of one more wkv_b per layer.
 
         bmm on strided views of wkv_b copies them on every call in bf16 on CPU: about 1 ms per layer and decode
-        token, and bf16 batch-1 decode is 12% faster without it. The copies are made once per version of the weight (an optimizer step
-        or load_state_dict makes a new one). With autograd recording, or weights made under inference_mode (which
-        have no version counter), the views themselves: gradients reach wkv_b, and no stale copy is ever used.
+        token, and bf16 batch-1 decode is 12% faster without it. The copies are made once per version of the
+        weight (an optimizer step or load_state_dict makes a new one). With autograd recording, or weights made
+        under inference_mode (which have no version counter), the views themselves: gradients reach wkv_b, and
+        no stale copy is ever used.
         """
         H, N, C = self.n_heads, self.nope_dim, self.kv_lora_rank
         w = self.wkv_b.weight
