@@ -1,4 +1,7 @@
-"""openseek: DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch."""
+"""openseek: DeepSeek-V2/V3 (MLA + DeepSeekMoE) in PyTorch.
+
+Shape letters in comments follow docs/shapes.md; "reference §N" cites docs/deepseek-v2-reference.md.
+"""
 
 from pathlib import Path
 
