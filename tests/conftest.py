@@ -17,12 +17,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
-def single_thread(request):
-    """One intra-op thread per test: tiny models gain nothing from two, and two tests' teams fight over 2 cores.
-    Tests that measure threading opt out with @pytest.mark.threads."""
-    if request.node.get_closest_marker("threads"):
-        yield
-        return
+def single_thread():
+    """One intra-op thread per test: tiny models gain nothing from two, and two teams fight over 2 cores. A test
+    that measures threading sets its own count; the previous one is restored after every test."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
