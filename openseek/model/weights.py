@@ -118,8 +118,8 @@ def _open(file: Path):
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """W[i, j] * S[i // 128, j // 128] in float32 (DeepSeek-V3 block quantisation)."""
-    M, N = w.shape
-    s = scale_inv.float().repeat_interleave(block[0], 0)[:M].repeat_interleave(block[1], 1)[:, :N]
+    rows, cols = w.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return w.float() * s
 
 
