@@ -28,7 +28,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
                 cache: torch.Tensor | None = None) -> torch.Tensor:
         kernels = kernels_of(batch)
-        x = x + self.attn(self.attn_norm(x, kernels), freqs_cis, batch, cache)  # the call a replacement takes too
+        # no kernels argument: (x, freqs_cis, batch, cache) is the call modules swapped in for MLA take too
+        x = x + self.attn(self.attn_norm(x, kernels), freqs_cis, batch, cache)
         return x + self.ffn(self.ffn_norm(x, kernels), kernels)
 
 
@@ -96,10 +97,9 @@ class Transformer(nn.Module):
     def absorb_weights(self) -> None:
         """Build every MLA's absorbed W_UK / W_UV^T from its wkv_b (the paged path reads them); call again after
         the weights change, as a trainer whose model is also served does after each step."""
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, MLA):
-                    m.absorb_weights()
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.absorb_weights()
 
     @property
     def device(self) -> torch.device:
