@@ -33,8 +33,8 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
 # ---- linear: x W^T --------------------------------------------------------------------------------------------
 
 def linear_one_row_mv(x: Tensor, weight: Tensor) -> Tensor:
-    """F.linear, but one bf16/fp16 row on CPU runs as torch.mv: oneDNN's GEMM reads the weights slower at M=1,
-    the shape of every projection in batch-1 decode."""
+    """F.linear, but one bf16/fp16 row on CPU runs as torch.mv: oneDNN's GEMM reads the weights slower for one
+    row, the shape of every projection in batch-1 decode."""
     if x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" \
             and autocast_dtype(x) is None:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
