@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -223,19 +223,22 @@ def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = 4 << 30) -> None:
     """Write config.json and safetensors shards (+ index when sharded) in the hub layout, one shard in memory
-    at a time; huggingface_hub plans the shards on shape-only stand-ins, as it would group the per-expert views
-    of one stacked tensor into one shard (it treats views of one storage as tied weights)."""
+    at a time. huggingface_hub plans the shards by each tensor's own bytes: its torch planner would group the
+    per-expert views of one stacked tensor into one shard, taking views of one storage for tied weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params, names = model.state_dict(), hf_names(model)
 
-    def tensor(hf: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    def tensor(hf: str) -> torch.Tensor:
         native, j = names[hf]
         if j is None:
-            return params[native].detach().to(device).contiguous()
-        return params[native][j].detach().to(device).clone()  # one expert: safetensors refuses shared-storage views
+            return params[native].detach().to("cpu").contiguous()
+        return params[native][j].detach().to("cpu").clone()  # one expert: safetensors refuses shared-storage views
 
-    plan = split_torch_state_dict_into_shards({hf: tensor(hf, "meta") for hf in names}, max_shard_size=max_shard_size)
+    plan = split_state_dict_into_shards_factory(
+        {hf: params[native] if j is None else params[native][j] for hf, (native, j) in names.items()},
+        get_storage_size=lambda t: t.numel() * t.element_size(), filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size)
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
     for fname, shard_names in plan.filename_to_tensors.items():
