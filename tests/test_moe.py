@@ -1,4 +1,4 @@
-"""Router rules against hand computations; stacked-expert dispatch against a naive per-token loop."""
+"""Router rules against hand computations; each kernel set's routed experts against a naive per-token loop."""
 
 from __future__ import annotations
 
