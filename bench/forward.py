@@ -1,4 +1,5 @@
-"""Prefill forward (no KV cache) of openseek against transformers on the same checkpoint and input ids.
+"""Prefill of openseek (the engine's paged forward, inference kernels) against transformers' forward without a
+KV cache, on the same checkpoint and input ids.
 
     python bench/forward.py [--shapes 1x128,1x512,4x256] [--repeats 5] [--threads N] [--dtype float32]
 
@@ -9,6 +10,7 @@ are timed in turn within each repeat, so load from other processes on a shared m
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -17,6 +19,7 @@ from common import (BENCH_CHECKPOINT, STATS, machine_line, make_bench_checkpoint
                     peak_rss_gib, random_ids, time_interleaved)
 
 import openseek
+from openseek.model.batch import ForwardBatch
 
 # Largest max-abs logit difference accepted per dtype: float32 agrees to rounding; in bfloat16 the two
 # implementations round at different points (transformers also runs its router in bfloat16).
@@ -38,6 +41,19 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def paged_prefill(model: openseek.Transformer, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """Logits (B, S, V) of each row of ids (B, S) prefilled as a sequence of its own into a fresh latent cache."""
+    B, S = ids.shape
+    P = math.ceil(S / block_size)
+    tables = torch.arange(B * P).view(B, P)  # (B, P)
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)[:, :S]  # (B, S)
+    batch = ForwardBatch(positions=torch.arange(S).repeat(B), slot_mapping=slots.flatten(), block_tables=tables,
+                         context_lens=[S] * B, query_lens=[S] * B, num_decodes=0, block_size=block_size)
+    cache = torch.zeros(model.config.num_hidden_layers, B * P * block_size, model.config.kv_cache_dim,
+                        dtype=model.dtype)
+    return model.logits(model.hidden_states_paged(ids.flatten(), batch, cache)).view(B, S, -1)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -49,6 +65,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ours = openseek.load_pretrained(args.path, dtype=dtype)
+    ours.absorb_weights()
     t1 = time.perf_counter()
     ref = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).eval()
     t2 = time.perf_counter()
@@ -63,11 +80,12 @@ def main() -> None:
     with torch.inference_mode():
         for b, s in args.shapes:
             ids = random_ids(b, s, ours.config.vocab_size, seed=args.seed)
-            diff = (ours(ids).float() - run_ref(ids).float()).abs().max().item()
+            diff = (paged_prefill(ours, ids).float() - run_ref(ids).float()).abs().max().item()
             print(f"{b}x{s}: max |logits(openseek) - logits(transformers)| = {diff:.2e}")
             if not diff <= tol:  # written so that NaN fails too
                 raise SystemExit(f"{b}x{s}: logits differ by {diff:.3e} > tol {tol:g}; not timing a wrong model")
-            t = time_interleaved({"tf": lambda: run_ref(ids), "os": lambda: ours(ids)}, args.repeats, args.warmup)
+            t = time_interleaved({"tf": lambda: run_ref(ids), "os": lambda: paged_prefill(ours, ids)}, args.repeats,
+                                 args.warmup)
             t_ref, t_ours = t["tf"].stat_s(args.stat), t["os"].stat_s(args.stat)
             rows.append([f"{b}x{s}", f"{1e3 * t_ref:.1f}", f"{1e3 * t_ours:.1f}", f"{b * s / t_ref:.0f}",
                          f"{b * s / t_ours:.0f}", f"{t_ref / t_ours:.2f}"])

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .validation import FieldError
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 TOPK_ALIASES = {"gready": "greedy"}  # the misspelling in the original config docstring
 SCORING_FUNCS = ("softmax", "sigmoid")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+OWNER = "config field "  # FieldError's prefix: the messages read "config field n_group=7 is invalid: ..."
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
@@ -90,8 +93,8 @@ class ModelConfig:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"config field {name}={getattr(self, name)!r} is invalid: {allowed}")
+        def bad(name: str, allowed: str) -> FieldError:
+            return FieldError(name, getattr(self, name), allowed, OWNER)
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
@@ -162,7 +165,7 @@ class ModelConfig:
         theta = d.pop("rope_theta", None) or rope.get("rope_theta") or 10000.0
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "yarn"):
-            raise ValueError(f"config field rope_scaling type={kind!r} is invalid: allowed: yarn, or none")
+            raise FieldError("rope_scaling.type", kind, "allowed: yarn, or none", OWNER)
         kwargs["rope_theta"] = float(theta)
         kwargs["rope_scaling"] = {k: rope[k] for k in YARN_KEYS + ("attention_factor",) if k in rope} \
             if kind == "yarn" else None
@@ -175,9 +178,10 @@ class ModelConfig:
         for derived in ("qk_head_dim", "head_dim"):  # transformers writes these; they follow from the fields
             d.pop(derived, None)
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config field hidden_act={d['hidden_act']!r} is invalid: allowed: silu")
-        if d.get("attention_bias", False) or d.get("mlp_bias", False):
-            raise ValueError("config fields attention_bias / mlp_bias must be false: DeepSeek projections have no bias")
+            raise FieldError("hidden_act", d["hidden_act"], "allowed: silu", OWNER)
+        for name in ("attention_bias", "mlp_bias"):
+            if d.get(name, False):
+                raise FieldError(name, d[name], "must be false: DeepSeek projections have no bias", OWNER)
         return cls(**kwargs, extra=d)
 
     def to_hf(self) -> dict[str, Any]:
@@ -246,5 +250,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: allowed: {', '.join(PRESETS)}")
+        raise FieldError("preset", name, f"allowed: {', '.join(PRESETS)}")
     return ModelConfig(**PRESETS[name])

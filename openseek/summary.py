@@ -14,6 +14,7 @@ import torch
 from .config import ModelConfig
 from .model import Transformer
 from .model.moe import Experts
+from .validation import check
 
 CACHE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 DEFAULT_CACHE_DTYPE = "bf16"
@@ -90,8 +91,7 @@ def _numel(module: torch.nn.Module) -> int:
 
 def kv_cache(cfg: ModelConfig, dtype: str = DEFAULT_CACHE_DTYPE) -> KVCache:
     """Cached values per token: MLA's latent versus the expanded per-head K/V (reference §1.5, §8.1)."""
-    if dtype not in CACHE_DTYPE_BYTES:
-        raise ValueError(f"cache dtype {dtype!r} is invalid: allowed: {', '.join(CACHE_DTYPE_BYTES)}")
+    check(dtype in CACHE_DTYPE_BYTES, "cache_dtype", dtype, f"allowed: {', '.join(CACHE_DTYPE_BYTES)}")
     expanded = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     return KVCache(layers=cfg.num_hidden_layers, latent_per_layer=cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                    expanded_per_layer=expanded, dtype=dtype, bytes_per_value=CACHE_DTYPE_BYTES[dtype])

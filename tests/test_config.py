@@ -7,6 +7,7 @@ import json
 import pytest
 
 from openseek.config import ModelConfig, preset
+from openseek.validation import FieldError
 
 HUB_V2 = {  # DeepSeek-V2's config.json as shipped on the hub (reference §4.1), trimmed of non-architecture keys
     "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
@@ -85,15 +86,17 @@ def test_moe_layer_freq_and_first_dense():
     ("moe_layer_freq", 0, "moe_layer_freq=0"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(FieldError, match=message) as e:
         ModelConfig.from_hf({**HUB_V2, field: value})
+    assert e.value.field == field
 
 
 def test_noaux_tc_needs_sigmoid_and_unknown_rope_type():
     with pytest.raises(ValueError, match="noaux_tc.*sigmoid"):
         ModelConfig.from_hf({**HUB_V2, "topk_method": "noaux_tc"})
-    with pytest.raises(ValueError, match="rope_scaling type='linear'"):
+    with pytest.raises(FieldError, match=r"rope_scaling\.type='linear'") as e:
         ModelConfig.from_hf({**HUB_V2, "rope_scaling": {"type": "linear", "factor": 2}})
+    assert e.value.field == "rope_scaling.type"
 
 
 def test_bad_json_names_the_file(tmp_path):

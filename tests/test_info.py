@@ -151,3 +151,13 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(tmp_path, capsys, ca
     assert captured.out == ""
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert expect in captured.err
+
+
+def test_unknown_cache_dtype_names_the_field():
+    from openseek.config import preset
+    from openseek.summary import kv_cache
+    from openseek.validation import FieldError
+
+    with pytest.raises(FieldError, match="cache_dtype='int3'.*bf16") as e:
+        kv_cache(preset("v2-lite"), "int3")
+    assert e.value.field == "cache_dtype"

@@ -1,4 +1,4 @@
-"""Router rules against hand computations; stacked-expert dispatch against a naive per-token loop."""
+"""Router rules against hand computations; each kernel set's routed experts against a naive per-token loop."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from openseek.config import ModelConfig
 from openseek.model.moe import MoE, Router
+from openseek.model.ops import INFERENCE, REFERENCE, TRAINING
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -76,18 +77,20 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out + moe.shared(x)
 
 
-@pytest.mark.parametrize("tokens, grad", [(37, False), (1, False), (3, False), (37, True), (300, True)],
+@pytest.mark.parametrize("tokens, kernels", [(37, INFERENCE), (1, INFERENCE), (3, INFERENCE), (37, TRAINING),
+                                             (300, TRAINING), (37, REFERENCE)],
                          ids=["grouped_gemm", "one_token_decode", "looped_few_tokens", "padded_for_autograd",
-                              "padded_groups_over_pad_to"])
-def test_stacked_dispatch_matches_naive_loop(tokens, grad):
+                              "padded_groups_over_pad_to", "reference"])
+def test_stacked_dispatch_matches_naive_loop(tokens, kernels):
     cfg = tiny_cfg(n_routed_experts=16, num_experts_per_tok=3, hidden_size=16, moe_intermediate_size=8)
     torch.manual_seed(0)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    grad = kernels is not INFERENCE
     x = torch.randn(tokens, 16, requires_grad=grad)
     with torch.set_grad_enabled(grad):
-        got = moe(x)
+        got = moe(x, kernels)
     with torch.set_grad_enabled(grad):
         want = naive_moe(moe, x)
     torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)

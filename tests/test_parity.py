@@ -87,10 +87,11 @@ def test_bfloat16_loads_and_runs(tmp_path):
     assert (got.float() - exact).abs().max() < 0.1 * exact.abs().max()
 
 
-def test_long_prompt_on_the_padded_flash_path_matches(tmp_path):
-    from openseek.model import mla
-    ref, model, _ = reference_and_openseek(tmp_path, "v2", {}, {})
+@pytest.mark.parametrize("overrides", [{}, dict(v_head_dim=40)], ids=["v_narrower_than_qk", "v_wider_than_qk"])
+def test_long_prompt_on_the_padded_flash_path_matches(tmp_path, overrides):
+    from openseek.model import ops
+    ref, model, _ = reference_and_openseek(tmp_path, "v2", overrides, {})
     ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
-    assert ids.shape[1] >= mla.FLASH_MIN_LEN
+    assert ids.shape[1] >= ops.FLASH_MIN_LEN
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import openseek
+from openseek.config import ModelConfig
 from conftest import build_reference, save_reference
 
 
@@ -105,6 +107,43 @@ def test_fp8_checkpoint_matches_dequantised_reference(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert (expected - original).abs().max() > 1e-4  # quantisation really changed the weights
     assert model.config.quantization_config is None
+
+
+def test_checkpoint_io_changes_no_config_it_was_handed(tmp_path, monkeypatch):
+    """load_pretrained's model gets a copy (quantisation dropped, dtype set); save_pretrained writes a copy."""
+    path = save_reference(build_reference("v2"), tmp_path / "a")
+    shared = ModelConfig.from_file(path)
+    shared.quantization_config = {"weight_block_size": [128, 128]}  # as an fp8 checkpoint's config reads
+    before = copy.deepcopy(shared)
+    monkeypatch.setattr(ModelConfig, "from_file", classmethod(lambda cls, p: shared))
+    model = openseek.load_pretrained(path, dtype=torch.bfloat16)
+    assert shared == before
+    assert model.config.torch_dtype == "bfloat16" and model.config.quantization_config is None
+    model.config.torch_dtype = "float32"  # stale on purpose: the saved file must say what the weights are
+    openseek.save_pretrained(model, tmp_path / "b")
+    assert model.config.torch_dtype == "float32"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_shards_split_a_stacked_expert_tensor_and_respect_the_size(tmp_path):
+    """Per-expert views of one stacked tensor go to shards one by one, like any tensor: no shard holds more
+    than max_shard_size unless a single tensor is larger; transformers reads them back (test above)."""
+    model = openseek.load_pretrained(save_reference(build_reference("v2"), tmp_path / "a"))
+    limit = 30_000
+    openseek.save_pretrained(model, tmp_path / "b", max_shard_size=limit)
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    files = sorted((tmp_path / "b").glob("model-*.safetensors"))
+    assert {f.name for f in files} == set(index["weight_map"].values()) and len(files) > 2
+    expert_files = {f for name, f in index["weight_map"].items() if ".mlp.experts." in name and "gate_proj" in name
+                    and name.startswith("model.layers.1.")}
+    assert len(expert_files) > 1  # layer 1's gate_proj experts span shards
+    total = 0
+    for f in files:
+        shard = load_file(f)
+        size = sum(t.numel() * t.element_size() for t in shard.values())
+        assert size <= limit or len(shard) == 1, f.name
+        total += size
+    assert index["metadata"]["total_size"] == total
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int):
         cfg = model.config
         self.model, self.block_size = model, block_size
+        model.absorb_weights()  # the absorbed path's W_UK / W_UV^T, built once from the loaded weights
         # The latent cache and nothing else: per layer and token, c_kv (C) and the rotated k_pe (R).
         self.kv_cache = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.kv_cache_dim,
                                     dtype=model.dtype, device=model.device)

@@ -1,5 +1,6 @@
-"""RMSNorm, SwiGLU, and rotary embeddings with YaRN in the checkpoint's interleaved layout.
+"""Linear, RMSNorm, SwiGLU, and rotary embeddings with YaRN in the checkpoint's interleaved layout.
 
+A module's heavy operation is its kernel set's (ops.py); called without one, it runs TRAINING's.
 Shapes: B batch, S tokens, D model dim, F hidden dim of an FFN, R rope dim (qk_rope_head_dim).
 """
 
@@ -12,31 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
-
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast runs x's matmuls in on x's device; None when autocast is off there."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear without bias. One bf16/fp16 row on CPU runs as torch.mv: oneDNN's GEMM, which runs those dtypes,
-    reads the weights 1.5-3.5x slower than mv at M=1, the shape of every projection in batch-1 decode."""
-    if x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" \
-            and autocast_dtype(x) is None:
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+from .ops import TRAINING, Kernels
+from .ops import autocast_dtype  # noqa: F401  (train/loss.py imports it from here; it belongs to ops now)
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear through linear(); its parameter is `weight`, as the checkpoints name it."""
+    """A bias-free nn.Linear through the kernel set's linear; its parameter is `weight`, as checkpoints name it."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+    def forward(self, x: torch.Tensor, kernels: Kernels = TRAINING) -> torch.Tensor:
+        return kernels.linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -45,37 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            # a norm feeds matmuls: under autocast it emits their dtype, one cast here instead of one per consumer
-            return _RMSNormFunction.apply(x, self.weight, self.eps, autocast_dtype(x))
-        # Statistics in float32 whatever the activation dtype (bf16 overflows/underflows otherwise); the weight
-        # multiplies after the cast back, as the reference does. One op instead of six: decode runs ~25 per token.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm.forward's formula with a hand-written backward: F.rms_norm's autograd on CPU is a chain of ~20
-    elementwise passes over the activations, this is 9 (half the time of a norm's forward + backward)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, out_dtype):
-        xf = x.float()
-        rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        y = weight * (xf * rstd).to(x.dtype)
-        return y if out_dtype is None else y.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rstd = ctx.saved_tensors
-        x_hat, grad = x.float() * rstd, grad.float()
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
-        grad_x_hat = grad * weight
-        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g the gradient at x_hat
-        mean = (grad_x_hat * x_hat).mean(-1, keepdim=True)
-        grad_x = grad_x_hat.sub_(x_hat.mul_(mean)).mul_(rstd)
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None
+    def forward(self, x: torch.Tensor, kernels: Kernels = TRAINING) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -87,17 +46,9 @@ class SwiGLU(nn.Module):
         self.w2 = Linear(hidden, dim)
         self.w3 = Linear(dim, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # the modules, so that swapping or hooking them works
-
-
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-           gate: torch.Tensor | None = None) -> torch.Tensor:
-    """SwiGLU on raw weights (routed experts are stacked tensors, not modules): w2 (silu(w1 x) * w3 x), each row's
-    hidden optionally scaled by gate (rows,): a routed expert's weight scales its (rows, F) hidden rather than its
-    (rows, D) output, the same product in fewer bytes."""
-    h = F.silu(linear(x, w1)) * linear(x, w3)
-    return linear(h if gate is None else h * gate[:, None].to(h.dtype), w2)
+    def forward(self, x: torch.Tensor, kernels: Kernels = TRAINING) -> torch.Tensor:
+        # the modules, so that swapping or hooking them works
+        return self.w2(F.silu(self.w1(x, kernels)) * self.w3(x, kernels), kernels)
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

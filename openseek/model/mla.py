@@ -1,7 +1,7 @@
 """Multi-head latent attention (MLA), DeepSeek-V2 §2.1.
 
-Shapes: B batch, S query tokens, T key tokens, H heads, D model dim, C latent (kv_lora_rank),
-R rope dim, N no-rope q/k head dim (qk_nope_head_dim), V value head dim.
+Shapes: B batch, S query tokens, T key tokens, N packed new tokens, H heads, D model dim, C latent
+(kv_lora_rank), R rope dim, Q no-rope q/k head dim (qk_nope_head_dim), U value head dim (v_head_dim).
 
 Keys and values are one latent per token: c_kv (C, RMS-normalised) plus a rope key k_pe (R) shared by all
 heads. The expanded path up-projects the latent to per-head K/V (training, long prefill). The absorbed path
@@ -12,15 +12,14 @@ MQA with one 576-wide key and a 512-wide value (reference §1.4).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .batch import ForwardBatch
+from .batch import ForwardBatch, kernels_of
 from .layers import Linear, RMSNorm, apply_rope
+from .ops import TRAINING, Kernels
 
 
-FLASH_MIN_LEN = 256  # from this many keys on, pad V so SDPA takes its flash kernel
 PREFILL_ABSORB_RATIO = 4  # prefill chunks this many times shorter than their context use the absorbed path
 
 
@@ -42,88 +41,81 @@ class MLA(nn.Module):
         self.wkv_b = Linear(C, H * (self.nope_dim + self.v_dim))
         self.wo = Linear(H * self.v_dim, D)
         self.softmax_scale = cfg.softmax_scale
-        self._absorbed: tuple | None = None  # (weight key, W_UK, W_UV^T): see absorbed_weights
+        # the absorbed path's W_UK (H, Q, C) and W_UV^T (H, C, U): derived from wkv_b by absorb_weights, not saved
+        self.register_buffer("w_uk", None, persistent=False)
+        self.register_buffer("w_uv_t", None, persistent=False)
 
-    def project_q(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head queries: q_nope (B, S, H, N) and rotated q_pe (B, S, H, R)."""
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.unflatten(-1, (self.n_heads, -1))  # (B, S, H, N + R)
+    def absorb_weights(self) -> None:
+        """Build W_UK and W_UV^T out of wkv_b, contiguous (as vLLM's W_UK_T and W_UV), at the memory cost of one
+        more wkv_b: bmm on strided views of wkv_b would copy them on every call. Call again after wkv_b changes."""
+        H, Q, U, C = self.n_heads, self.nope_dim, self.v_dim, self.kv_lora_rank
+        w = self.wkv_b.weight.detach().view(H, Q + U, C)
+        self.w_uk = w[:, :Q].contiguous()  # (H, Q, C)
+        self.w_uv_t = w[:, Q:].transpose(1, 2).contiguous()  # (H, C, U)
+
+    def project_q(self, x: torch.Tensor, freqs_cis: torch.Tensor,
+                  kernels: Kernels = TRAINING) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries: q_nope (B, S, H, Q) and rotated q_pe (B, S, H, R)."""
+        if hasattr(self, "wq"):
+            q = self.wq(x, kernels)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x, kernels), kernels), kernels)
+        q = q.unflatten(-1, (self.n_heads, -1))  # (B, S, H, Q + R)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, freqs_cis)
 
-    def project_kv(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, x: torch.Tensor, freqs_cis: torch.Tensor,
+                   kernels: Kernels = TRAINING) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches per token: normalised latent c_kv (B, S, C) and rotated k_pe (B, S, R)."""
-        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c_kv), apply_rope(k_pe, freqs_cis)
+        c_kv, k_pe = self.wkv_a(x, kernels).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_norm(c_kv, kernels), apply_rope(k_pe, freqs_cis)
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention with per-head K/V up-projected from the latents; causal when mask is None. -> (B, S, H, V)"""
+                        mask: torch.Tensor | None = None, kernels: Kernels = TRAINING) -> torch.Tensor:
+        """Attention with per-head K/V up-projected from the latents; causal when mask is None. -> (B, S, H, U)"""
         H, T = self.n_heads, c_kv.shape[1]
-        kv = self.wkv_b(c_kv).unflatten(-1, (H, -1))  # (B, T, H, N + V)
+        kv = self.wkv_b(c_kv, kernels).unflatten(-1, (H, -1))  # (B, T, H, Q + U)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, S, H, N + R)
-        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, T, H, -1)), dim=-1)  # (B, T, H, N + R)
-        if T >= FLASH_MIN_LEN:
-            # PyTorch's CPU flash kernel needs equal q/k/v head dims; zero-padding V gives the same output and
-            # avoids the math fallback's full (S, T) score matrix (1.6x at 2k tokens, measured in bench/forward.py).
-            v = F.pad(v, (0, q.shape[-1] - self.v_dim))  # (B, T, H, N + R)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
-        return o.transpose(1, 2)[..., : self.v_dim]  # (B, S, H, V)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, S, H, Q + R)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, T, H, -1)), dim=-1)  # (B, T, H, Q + R)
+        o = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
+        return o.transpose(1, 2)  # (B, S, H, U)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor,
                         mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over latents (B, T, C + R) for queries (B, S, H, .); mask (B, S, T) bool. -> (B, S, H, V)"""
+        """Attention over latents (B, T, C + R) for queries (B, S, H, .); mask (B, S, T) bool. -> (B, S, H, U)"""
+        if self.w_uk is None:
+            raise RuntimeError("MLA's absorbed W_UK / W_UV^T were never built: call Transformer.absorb_weights() "
+                               "after loading or changing the weights (the engine's ModelRunner does)")
         H, C = self.n_heads, self.kv_lora_rank
-        w_uk, w_uv_t = self.absorbed_weights()  # (H, N, C), (H, C, V)
         B, S = q_nope.shape[:2]
-        q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), w_uk)  # (H, B*S, C)
+        q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), self.w_uk)  # (H, B*S, C)
         q = torch.cat((q_lat.transpose(0, 1).view(B, S, H, C), q_pe), dim=-1)  # (B, S, H, C + R)
         scores = torch.bmm(q.reshape(B, S * H, -1), latents.transpose(1, 2)) * self.softmax_scale  # (B, S*H, T)
-        scores = scores.view(B, S, H, -1)
+        scores = scores.view(B, S, H, -1)  # (B, S, H, T)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         p = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # (B, S, H, T)
         o_lat = torch.bmm(p.view(B, S * H, -1), latents[..., :C]).view(B * S, H, C)  # (B*S, H, C)
-        o = torch.bmm(o_lat.transpose(0, 1), w_uv_t)  # (H, B*S, V)
-        return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, V)
-
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK (H, N, C) and W_UV^T (H, C, V) out of wkv_b, contiguous (as vLLM's W_UK_T and W_UV), at the memory
-        cost of one more wkv_b per layer.
-
-        bmm on strided views of wkv_b copies them on every call in bf16 on CPU: about 1 ms per layer and decode
-        token, and bf16 batch-1 decode is 12% faster without it. The copies are made once per version of the
-        weight (an optimizer step or load_state_dict makes a new one). With autograd recording, or weights made
-        under inference_mode (which have no version counter), the views themselves: gradients reach wkv_b, and
-        no stale copy is ever used.
-        """
-        H, N, C = self.n_heads, self.nope_dim, self.kv_lora_rank
-        w = self.wkv_b.weight
-        w_uk, w_uv = w.view(H, N + self.v_dim, C).split([N, self.v_dim], dim=1)  # (H, N, C), (H, V, C): views
-        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():
-            return w_uk, w_uv.transpose(1, 2)
-        key = (w.data_ptr(), w._version, w.dtype)
-        if self._absorbed is None or self._absorbed[0] != key:
-            self._absorbed = key, w_uk.contiguous(), w_uv.transpose(1, 2).contiguous()
-        return self._absorbed[1:]
+        o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t)  # (H, B*S, U)
+        return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, U)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
                 cache: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over x (B, S, D); with a batch, x is (1, N, D) packed over the paged cache."""
-        q_nope, q_pe = self.project_q(x, freqs_cis)
-        c_kv, k_pe = self.project_kv(x, freqs_cis)
+        kernels = kernels_of(batch)
+        q_nope, q_pe = self.project_q(x, freqs_cis, kernels)
+        c_kv, k_pe = self.project_kv(x, freqs_cis, kernels)
         if batch is None:
-            o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe)
+            o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, kernels=kernels)
         else:
             cache.index_copy_(0, batch.slot_mapping, torch.cat((c_kv, k_pe), dim=-1)[0])  # cache: (slots, C + R)
             o = self._attend_paged(q_nope[0], q_pe[0], cache, batch)[None]
-        return self.wo(o.flatten(2))  # (B, S, D)
+        return self.wo(o.flatten(2), kernels)  # (B, S, D)
 
     def _attend_paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                       batch: ForwardBatch) -> torch.Tensor:
-        """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, V)"""
+        """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, U)"""
         outs, nd = [], batch.num_decodes
         if nd:  # all decodes in one absorbed call, padded to the longest context
             latents = cache[batch.decode_slots]  # (B, T, C + R)
@@ -139,7 +131,7 @@ class MLA(nn.Module):
             else:
                 c_kv, k_pe = latents[None].split([self.kv_lora_rank, self.rope_dim], dim=-1)
                 o = self.attend_expanded(qn.transpose(0, 1), qp.transpose(0, 1), c_kv, k_pe,
-                                         None if S == T else mask)[0]
+                                         None if S == T else mask, batch.kernels)[0]
             outs.append(o)
             start += S
         return torch.cat(outs)

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import SwiGLU, autocast_dtype, swiglu
-
-PAD_TO = 64  # training pads each expert's tokens to a multiple of this: few distinct GEMM shapes
+from .layers import SwiGLU
+from .ops import TRAINING, Kernels, experts_padded
 
 
 class Router(nn.Module):
@@ -75,64 +74,9 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        """Group (token, slot) pairs by expert and run only the experts that received tokens."""
-        N, K = ids_NK.shape
-        if torch.is_grad_enabled() and self.w1.requires_grad:
-            return self._padded(x_ND, weights_NK, ids_NK)
-        if N == 1:
-            return self._one_token(x_ND, weights_NK, ids_NK)
-        order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
-        counts_E = torch.bincount(ids_NK.flatten(), minlength=self.w1.shape[0])
-        token_of = order // K
-        xs = x_ND[token_of]  # (N*K, D), grouped by expert
-        # grouped_mm visits every expert, empty or not: for a few tokens (decode) a loop over the hit ones is cheaper
-        ys = self._grouped(xs, counts_E) if hasattr(torch, "_grouped_mm") and N * K >= len(counts_E) \
-            else self._looped(xs, counts_E)
-        ys = ys * weights_NK.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
-
-    def _one_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, ids_1K: torch.Tensor) -> torch.Tensor:
-        """Batch-1 decode: the K experts straight on the token, no sort or scatter (a third fewer ops per layer)."""
-        ys_KD = torch.cat([swiglu(x_1D, self.w1[e], self.w2[e], self.w3[e]) for e in ids_1K[0].tolist()])
-        return torch.mm(weights_1K.to(ys_KD.dtype), ys_KD).to(x_1D.dtype)  # (1, D)
-
-    def _grouped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        offs = counts_E.cumsum(0).to(torch.int32)
-        h = F.silu(torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offs)) \
-            * torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offs)  # (N*K, F)
-        return torch._grouped_mm(h, self.w2.transpose(1, 2), offs=offs)  # (N*K, D)
-
-    def _looped(self, xs: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        ys = [swiglu(xe, self.w1[e], self.w2[e], self.w3[e]) for e, xe in enumerate(xs.split(counts_E.tolist()))
-              if len(xe)]
-        return torch.cat(ys)
-
-    def _padded(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        """Training: a GEMM per expert over its pairs padded to a multiple of PAD_TO rows.
-
-        grouped_mm has no backward on CPU (torch 2.13). oneDNN, which runs bf16 GEMMs there, compiles a kernel
-        for every new shape (~1.5 ms), and per-expert token counts change every step; padded counts repeat.
-        """
-        N, K = ids_NK.shape
-        ids = ids_NK.flatten()
-        order = ids.argsort(stable=True)  # (N*K,) pairs sorted by expert
-        counts_E = torch.bincount(ids, minlength=self.w1.shape[0])
-        padded_E = (counts_E + PAD_TO - 1) // PAD_TO * PAD_TO
-        shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)  # padding before each group
-        slot = torch.arange(N * K, device=ids.device) + shift_E[ids[order]]  # (N*K,) row of each sorted pair
-        # P rows; padding rows read token 0 and carry gate weight 0, so they add nothing, forward or backward
-        token_P = ids.new_zeros(int(padded_E.sum())).index_copy_(0, slot, order // K)
-        gate_P = weights_NK.new_zeros(len(token_P)).index_copy(0, slot, weights_NK.flatten()[order])
-        # cast once, not per expert (under autocast), and before the gather, which then moves half the bytes;
-        # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
-        dtype = autocast_dtype(x_ND) or x_ND.dtype
-        w1, w2, w3 = (w.to(dtype).unbind(0) for w in (self.w1, self.w2, self.w3))
-        xs = x_ND.to(dtype).index_select(0, token_P)  # (P, D): P = N*K pairs + padding rows
-        # split, not slicing: a slice's backward zero-fills a copy of all of xs per expert; split's concatenates
-        groups = zip(xs.split(padded_E.tolist()), gate_P.split(padded_E.tolist()))
-        ys = torch.cat([swiglu(xe, w1[e], w2[e], w3[e], gate=ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
-        return torch.zeros_like(x_ND).index_add_(0, token_P, ys.to(x_ND.dtype))  # ys: (P, D)
-
+        """sum over k of weights_NK[n, k] * SwiGLU_{ids_NK[n, k]}(x_n), autograd-capable: TRAINING's kernel, the
+        call that expert parallelism (a subclass) overrides."""
+        return experts_padded(self, x_ND, weights_NK, ids_NK)
 
 
 RouteHook = Callable[["MoE", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -149,12 +93,12 @@ class MoE(nn.Module):
         self.shared = SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) \
             if cfg.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: Kernels = TRAINING) -> torch.Tensor:
         x_ND = x.flatten(0, -2)
         weights_NK, ids_NK, scores_NE = self.gate(x_ND)
         if self.route_hook is not None:
             weights_NK = self.route_hook(self, x, scores_NE, weights_NK, ids_NK)
-        y = self.experts(x_ND, weights_NK, ids_NK)
+        y = kernels.routed_experts(self.experts, x_ND, weights_NK, ids_NK)
         if self.shared is not None:
-            y = y + self.shared(x_ND)
+            y = y + self.shared(x_ND, kernels)
         return y.view_as(x)

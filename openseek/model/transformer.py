@@ -1,6 +1,7 @@
 """The DeepSeek-V2/V3 decoder: pre-norm blocks of MLA and a dense or MoE FFN.
 
-Shapes: B batch, S tokens, D model dim, V vocabulary.
+The entry point picks the kernel set (ops.py): hidden_states runs TRAINING's, hidden_states_paged its batch's.
+Shapes: B batch, S tokens, N packed new tokens, D model dim, V vocabulary, R rope dim.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .batch import ForwardBatch
+from .batch import ForwardBatch, kernels_of
 from .layers import Linear, RMSNorm, Rotary, SwiGLU
 from .mla import MLA
 from .moe import MoE
+from .ops import INFERENCE, TRAINING, Kernels
 
 
 class Block(nn.Module):
@@ -25,8 +27,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
                 cache: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis, batch, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        kernels = kernels_of(batch)
+        # no kernels argument: (x, freqs_cis, batch, cache) is the call modules swapped in for MLA take too
+        x = x + self.attn(self.attn_norm(x, kernels), freqs_cis, batch, cache)
+        return x + self.ffn(self.ffn_norm(x, kernels), kernels)
 
 
 class MTPLayer(nn.Module):
@@ -72,7 +76,7 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)  # (B, S, D)
         for layer in self.layers:
             x = layer(x, freqs_cis)
-        return self.norm(x)
+        return self.norm(x, TRAINING)
 
     def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states (N, D) of N packed new tokens, reading and extending kv_cache (layers, slots, C + R)."""
@@ -80,14 +84,22 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)[None]  # (1, N, D)
         for layer, cache in zip(self.layers, kv_cache):
             x = layer(x, freqs_cis, batch, cache)
-        return self.norm(x[0])
+        return self.norm(x[0], batch.kernels)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h)  # (B, S, V)
+    def logits(self, h: torch.Tensor, kernels: Kernels = INFERENCE) -> torch.Tensor:
+        """Logits (..., V) of final hidden states (..., D); the engine samples from them, hence its kernels."""
+        return self.head(h, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, S, V) for input_ids (B, S)."""
-        return self.logits(self.hidden_states(input_ids, positions))
+        return self.logits(self.hidden_states(input_ids, positions), TRAINING)
+
+    def absorb_weights(self) -> None:
+        """Build every MLA's absorbed W_UK / W_UV^T from its wkv_b (the paged path reads them); call again after
+        the weights change, as a trainer whose model is also served does after each step."""
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.absorb_weights()
 
     @property
     def device(self) -> torch.device:

@@ -8,6 +8,7 @@ built on the meta device, so peak memory is the model plus one tensor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -116,8 +118,8 @@ def _open(file: Path):
 
 def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """W[i, j] * S[i // 128, j // 128] in float32 (DeepSeek-V3 block quantisation)."""
-    M, N = w.shape
-    s = scale_inv.float().repeat_interleave(block[0], 0)[:M].repeat_interleave(block[1], 1)[:, :N]
+    rows, cols = w.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return w.float() * s
 
 
@@ -206,8 +208,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
                     t = dequantize_fp8(t, read(scale), block)
                 native, j = expected[name]
                 (params[native] if j is None else params[native][j]).copy_(t)
-    cfg.quantization_config = None  # weights are dequantised now
-    cfg.torch_dtype = str(dtype).removeprefix("torch.")
+    # a copy: the weights are dequantised now, in `dtype`
+    model.config = dataclasses.replace(cfg, quantization_config=None, torch_dtype=str(dtype).removeprefix("torch."))
     return model.eval()
 
 
@@ -219,12 +221,12 @@ def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
 
 # ---- saving --------------------------------------------------------------------------------------
 
-def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int = 4 << 30) -> None:
-    """Write config.json and safetensors shards (+ index when sharded) in the hub layout."""
+def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = 4 << 30) -> None:
+    """Write config.json and safetensors shards (+ index when sharded) in the hub layout, one shard in memory
+    at a time. huggingface_hub plans the shards by each tensor's own bytes: its torch planner would group the
+    per-expert views of one stacked tensor into one shard, taking views of one storage for tied weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    cfg.torch_dtype = str(model.dtype).removeprefix("torch.")
     params, names = model.state_dict(), hf_names(model)
 
     def tensor(hf: str) -> torch.Tensor:
@@ -233,26 +235,15 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
             return params[native].detach().to("cpu").contiguous()
         return params[native][j].detach().to("cpu").clone()  # one expert: safetensors refuses shared-storage views
 
-    plan: list[list[str]] = [[]]  # names per shard, decided before any tensor is copied
-    size = 0
-    for hf, (native, j) in names.items():
-        t = params[native]
-        nbytes = (t[0] if j is not None else t).numel() * t.element_size()
-        if plan[-1] and size + nbytes > max_shard_size:
-            plan.append([])
-            size = 0
-        plan[-1].append(hf)
-        size += nbytes
+    plan = split_state_dict_into_shards_factory(
+        {hf: params[native] if j is None else params[native][j] for hf, (native, j) in names.items()},
+        get_storage_size=lambda t: t.numel() * t.element_size(), filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size)
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
-    weight_map, total = {}, 0
-    for k, shard_names in enumerate(plan, 1):
-        fname = "model.safetensors" if len(plan) == 1 else f"model-{k:05d}-of-{len(plan):05d}.safetensors"
-        shard = {hf: tensor(hf) for hf in shard_names}  # one shard in memory at a time
-        save_file(shard, path / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    if len(plan) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    for fname, shard_names in plan.filename_to_tensors.items():
+        save_file({hf: tensor(hf) for hf in shard_names}, path / fname, metadata={"format": "pt"})
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    cfg.save(path / "config.json")
+    dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch.")).save(path / "config.json")

@@ -1,0 +1,192 @@
+"""Kernels: the one dispatch between the model's math and its fast paths, each fast path beside its reference.
+
+A forward's entry point picks one kernel set and passes it down: the dense forward (training, parity tests) runs
+TRAINING, the paged forward the batch's set (INFERENCE unless the engine names another). Modules call
+`kernels.linear`, `.rms_norm`, `.attention`, `.routed_experts` and never inspect grad mode, dtype or device: that
+happens here. A quantised linear plugs in as a `linear` that dispatches on the weight's type.
+
+Shapes: B batch, H heads, S query tokens, T key tokens, N tokens (flattened), D model dim, F expert hidden dim,
+E routed experts, K experts per token, M (token, expert) rows of the grouped GEMMs, padding included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+FLASH_MIN_LEN = 256  # from this many keys on, pad head dims equal so SDPA takes its flash kernel
+PAD_TO = 64  # training pads each expert's rows to a multiple of this: few distinct GEMM shapes
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs x's matmuls in on x's device; None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+# ---- linear: x W^T --------------------------------------------------------------------------------------------
+
+def linear_one_row_mv(x: Tensor, weight: Tensor) -> Tensor:
+    """F.linear, but one bf16/fp16 row on CPU runs as torch.mv: oneDNN's GEMM reads the weights slower for one
+    row, the shape of every projection in batch-1 decode."""
+    if x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" \
+            and autocast_dtype(x) is None:
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+# ---- RMSNorm: weight * x / rms(x) ----------------------------------------------------------------------------
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The reference: statistics in float32 (bf16 overflows otherwise), the weight after the cast back."""
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def rms_norm_training(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rms_norm with a hand-written backward, emitting autocast's dtype: a norm feeds matmuls, one cast here."""
+    return _RMSNormFunction.apply(x, weight, eps, autocast_dtype(x))
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """F.rms_norm's autograd on CPU is a chain of ~20 elementwise passes over the activations; this is 9."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        xf = x.float()
+        rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        y = weight * (xf * rstd).to(x.dtype)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat, grad = x.float() * rstd, grad.float()
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
+        grad_x_hat = grad * weight
+        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g the gradient at x_hat
+        mean = (grad_x_hat * x_hat).mean(-1, keepdim=True)
+        grad_x = grad_x_hat.sub_(x_hat.mul_(mean)).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None
+
+
+# ---- attention: softmax(q k^T * scale) v over (B, H, S or T, head dim) ------------------------------------------
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Scores written out; causal (queries last in the keys) when mask is None."""
+    S, T = q.shape[-2], k.shape[-2]
+    if mask is None:
+        mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)  # (S, T)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, S, T)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+
+
+def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA; over long contexts the narrower of the q/k and v head dims is zero-padded (which changes no score
+    and no output column): PyTorch's CPU flash kernel needs them equal, and its math fallback writes all scores."""
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if k.shape[-2] >= FLASH_MIN_LEN and qk_dim != v_dim:
+        if v_dim < qk_dim:
+            v = F.pad(v, (0, qk_dim - v_dim))
+        else:
+            q, k = F.pad(q, (0, v_dim - qk_dim)), F.pad(k, (0, v_dim - qk_dim))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return o[..., :v_dim]
+
+
+# ---- routed experts: sum over k of weights_NK[n, k] * SwiGLU_{ids_NK[n, k]}(x_n) ------------------------------
+
+def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, linear: Callable[[Tensor, Tensor], Tensor] = F.linear,
+           gate: Tensor | None = None) -> Tensor:
+    """w2 (silu(w1 x) * w3 x) on raw weights, each row's hidden optionally scaled by gate (rows,): a routed
+    expert's weight scales its (rows, F) hidden rather than its (rows, D) output, the same product in fewer bytes."""
+    h = F.silu(linear(x, w1)) * linear(x, w3)
+    return linear(h if gate is None else h * gate[:, None].to(h.dtype), w2)
+
+
+def experts_reference(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+    """Each expert on the tokens that chose it, one expert at a time."""
+    y_ND = torch.zeros_like(x_ND)
+    for e in ids_NK.unique().tolist():
+        n, k = (ids_NK == e).nonzero(as_tuple=True)
+        y = swiglu(x_ND[n], experts.w1[e], experts.w2[e], experts.w3[e]) * weights_NK[n, k, None].to(x_ND.dtype)
+        y_ND = y_ND.index_add(0, n, y)
+    return y_ND
+
+
+def experts_as_module(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+    """The module's own forward (experts_padded), so what subclasses it (expert parallelism) takes part."""
+    return experts(x_ND, weights_NK, ids_NK)
+
+
+def experts_padded(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+    """Training: a GEMM per expert over its pairs padded to a multiple of PAD_TO rows.
+
+    grouped_mm has no backward on CPU (torch 2.13). oneDNN, which runs bf16 GEMMs there, compiles a kernel
+    for every new shape, and per-expert token counts change every step; padded counts repeat.
+    """
+    N, K = ids_NK.shape
+    ids = ids_NK.flatten()
+    order = ids.argsort(stable=True)  # (N*K,) pairs sorted by expert
+    counts_E = torch.bincount(ids, minlength=experts.w1.shape[0])
+    padded_E = (counts_E + PAD_TO - 1) // PAD_TO * PAD_TO
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)  # padding before each group
+    slot = torch.arange(N * K, device=ids.device) + shift_E[ids[order]]  # (N*K,) row of each sorted pair
+    # padding rows read token 0 and carry gate weight 0, so they add nothing, forward or backward
+    token_M = ids.new_zeros(int(padded_E.sum())).index_copy_(0, slot, order // K)
+    gate_M = weights_NK.new_zeros(len(token_M)).index_copy(0, slot, weights_NK.flatten()[order])
+    # cast once, not per expert (under autocast), and before the gather, which then moves half the bytes;
+    # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
+    dtype = autocast_dtype(x_ND) or x_ND.dtype
+    w1, w2, w3 = (w.to(dtype).unbind(0) for w in (experts.w1, experts.w2, experts.w3))
+    xs_MD = x_ND.to(dtype).index_select(0, token_M)
+    # split, not slicing: a slice's backward zero-fills a copy of all of xs per expert; split's concatenates
+    groups = zip(xs_MD.split(padded_E.tolist()), gate_M.split(padded_E.tolist()))
+    ys_MD = torch.cat([swiglu(xe, w1[e], w2[e], w3[e], gate=ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
+    return torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD.to(x_ND.dtype))
+
+
+def experts_inference(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+    """Group (token, slot) pairs by expert and run only the experts that received tokens."""
+    w1, w2, w3 = experts.w1, experts.w2, experts.w3
+    N, K = ids_NK.shape
+    if N == 1:  # batch-1 decode: the K experts straight on the token, no sort or scatter
+        ys_KD = torch.cat([swiglu(x_ND, w1[e], w2[e], w3[e], linear_one_row_mv) for e in ids_NK[0].tolist()])
+        return torch.mm(weights_NK.to(ys_KD.dtype), ys_KD).to(x_ND.dtype)  # (1, D)
+    order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
+    counts_E = torch.bincount(ids_NK.flatten(), minlength=w1.shape[0])
+    token_of = order // K
+    xs_MD = x_ND[token_of]  # grouped by expert
+    if hasattr(torch, "_grouped_mm") and N * K >= len(counts_E):
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h_MF = F.silu(torch._grouped_mm(xs_MD, w1.transpose(1, 2), offs=offs)) \
+            * torch._grouped_mm(xs_MD, w3.transpose(1, 2), offs=offs)
+        ys_MD = torch._grouped_mm(h_MF, w2.transpose(1, 2), offs=offs)
+    else:  # grouped_mm visits every expert, empty or not: for a few tokens a loop over the hit ones is cheaper
+        ys_MD = torch.cat([swiglu(xe, w1[e], w2[e], w3[e], linear_one_row_mv)
+                           for e, xe in enumerate(xs_MD.split(counts_E.tolist())) if len(xe)])
+    ys_MD = ys_MD * weights_NK.flatten()[order, None].to(ys_MD.dtype)
+    return torch.zeros_like(x_ND).index_add_(0, token_of, ys_MD.to(x_ND.dtype))
+
+
+# ---- the kernel sets -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    """The functions the model's math calls for its heavy operations."""
+
+    linear: Callable[[Tensor, Tensor], Tensor]  # (x, weight) -> x W^T
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x, weight, eps)
+    attention: Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor]  # (q, k, v, mask, scale)
+    routed_experts: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]  # (experts, x_ND, weights_NK, ids_NK)
+
+
+REFERENCE = Kernels(F.linear, rms_norm, attention_reference, experts_reference)
+TRAINING = Kernels(F.linear, rms_norm_training, attention_sdpa, experts_as_module)
+INFERENCE = Kernels(linear_one_row_mv, rms_norm, attention_sdpa, experts_inference)
