@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_folder, first_new_substring
-from openseek import LLM, SamplingParams
+from openseek import LLM, LLMEngine, SamplingParams
 from server_util import KEY, Server
 from tokenizers_util import BOS
 
@@ -340,7 +340,7 @@ def test_usage_carries_cost_at_the_configured_prices(guarded):
 def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(folder):
     from openseek.server.async_engine import AsyncEngine, EngineFailed
 
-    llm = LLM(folder)
+    llm = LLMEngine.from_pretrained(folder)
     engine, real_step, calls = AsyncEngine(llm), llm.step, []
 
     def flaky_step():
