@@ -38,10 +38,10 @@ class QueueFull(Exception):
 
 @dataclass(slots=True, frozen=True)
 class EngineStats:
-    waiting: int = 0  # sequences
-    running: int = 0
-    cache_usage: float = 0.0  # fraction of cache blocks held by sequences
-    generation_tokens: int = 0  # since start, aborted requests' included
+    waiting: int  # sequences
+    running: int
+    cache_usage: float  # fraction of cache blocks held by sequences
+    generation_tokens: int  # since start, aborted requests' included
 
 
 @dataclass(slots=True)

@@ -48,7 +48,7 @@ class SSEResponse(StreamingResponse):
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               pricing: p.Pricing | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine loop."""
-    metrics = Metrics(lambda: engine.stats)
+    metrics = Metrics(engine.stats)
     serving = OpenAIServing(engine, model_name, metrics, pricing)
 
     @contextlib.asynccontextmanager

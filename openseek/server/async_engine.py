@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import LLMEngine, Prompt, SamplingParams
+from ..engine import EngineStats, LLMEngine, Prompt, SamplingParams
+
 logger = logging.getLogger(__name__)
 
 _STOP = object()
@@ -54,7 +55,7 @@ class AsyncEngine:
     def __init__(self, llm_engine: LLMEngine, threads: int | None = None):
         self.llm_engine = llm_engine
         self.threads = threads  # torch intra-op threads of the loop thread (see cmd_serve)
-        self.stats = llm_engine.stats()  # replaced (never mutated) by the loop thread after every iteration
+        self._stats = llm_engine.stats()  # replaced (never mutated) by the loop thread after every iteration
         self.draining = False
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # SimpleQueue.put is safe in signal handlers
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -62,6 +63,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
 
     # ---- called from handlers ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The engine's stats after the loop's latest iteration (safe from any thread)."""
+        return self._stats
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -191,7 +196,7 @@ class AsyncEngine:
             self._publish()
 
     def _publish(self) -> None:
-        self.stats = self.llm_engine.stats()
+        self._stats = self.llm_engine.stats()
 
 
 def _resolve(fut: asyncio.Future, error: Exception | None) -> None:

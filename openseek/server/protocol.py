@@ -115,18 +115,10 @@ class CompletionRequest(_Sampling):
         prompt_logprobs = self.logprobs if self.echo else None
         return self._params(max_tokens, self.logprobs, prompt_logprobs)
 
-    @property
-    def _items(self) -> list:
-        p = self.prompt
-        return [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self._items)
-
     def prompts(self, tokenizer) -> list[tuple[str | None, list[int]]]:
         """(text or None, token ids) per prompt: a string, a list of token ids, or a list of either."""
-        items = self._items
+        p = self.prompt
+        items = [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
         if not items:
             raise APIError(400, "prompt is empty", "prompt")
         out = []
