@@ -51,6 +51,8 @@ class _Request:
 
 
 class LLMEngine:
+    """Steps over `model` as given (its dtype and device; config.dtype and config.device only guide loading)."""
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
@@ -87,8 +89,8 @@ class LLMEngine:
         return self.pool.num_blocks * self.config.block_size
 
     def update_weights(self) -> None:
-        """Renew what derives from the model's weights, after a trainer has changed them in place."""
-        # The lead wires the model's derived weights here (model.absorb_weights()) once the model offers it.
+        """Renew what derives from the model's weights after a trainer changed them in place (no request running)."""
+        # Once the model keeps derived weights (MLA's absorbed W_UK, W_UV), model.absorb_weights() belongs here.
         self.reset_prefix_cache()  # cached latents were computed with the old weights
 
     def reset_prefix_cache(self) -> None:
