@@ -136,7 +136,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     top: list[list[tuple[int, float]]] = [[] for _ in params]
     n_top = max(p.logprobs or 0 for p in params)
     if n_top:
-        top_vals, top_ids = logp.topk(min(n_top, logp.shape[1]), dim=-1)  # (B, N), sorted descending
+        top_vals, top_ids = logp.topk(min(n_top, logp.shape[1]), dim=-1)  # (B, n_top), sorted descending
         top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         top = [list(zip(top_ids[i][: p.logprobs or 0], top_vals[i][: p.logprobs or 0])) for i, p in enumerate(params)]
     return SampleResult(tokens, chosen, top)
@@ -232,7 +232,7 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     v = torch.minimum(u[:, None] * outer[:, -1:], _below(outer[:, -1:]))  # (B, 1) u * total rounds up to total
     b = torch.searchsorted(outer, v, right=True)  # (B, 1), a block with mass
     v = v - torch.where(b > 0, outer.gather(1, (b - 1).clamp(min=0)), 0.0)
-    inner = blocks.gather(1, b[:, :, None].expand(B, 1, CDF_BLOCK)).squeeze(1).double().cumsum(dim=-1)  # (B, BLOCK)
+    inner = blocks.gather(1, b[:, :, None].expand(B, 1, CDF_BLOCK)).squeeze(1).double().cumsum(dim=-1)  # (B, CDF_BLOCK)
     j = torch.searchsorted(inner, torch.minimum(v, _below(inner[:, -1:])), right=True)  # (B, 1)
     return (b * CDF_BLOCK + j).squeeze(1)
 
