@@ -26,8 +26,7 @@ def transformers_cache_bytes_per_token(path: str, tokens: int = 64) -> int:
     ids = random_ids(1, tokens, ref.config.vocab_size)
     with torch.inference_mode():
         out = ref(ids, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
+    total = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in vars(layer).values()
                 if torch.is_tensor(t))
     return total // tokens
 

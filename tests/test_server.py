@@ -172,7 +172,6 @@ def test_chat_logprobs_match_offline_and_list_the_top_tokens(server, offline):
         assert item.logprob == pytest.approx(tops[0], abs=1e-6)  # greedy: the sampled token is the most likely
 
 
-@pytest.mark.skipif(not hasattr(SamplingParams(), "prompt_logprobs"), reason="the engine has no prompt logprobs yet")
 def test_echo_logprobs_score_the_prompt_like_transformers(server, model, offline):
     """lm-evaluation-harness loglikelihood: echo=True, max_tokens 0 or 1, logprobs=1, prompt as token ids."""
     ref = model[1]
