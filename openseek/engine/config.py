@@ -52,3 +52,11 @@ class EngineConfig:
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
               "must be a bool", own)
         check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
+
+    def model_len(self, max_position_embeddings: int) -> int:
+        """max_model_len, or its default: the model's context, at most 8192 tokens."""
+        return self.max_model_len or min(max_position_embeddings, 8192)
+
+    def cache_memory(self, max_model_len: int, bytes_per_token: int) -> int:
+        """kv_cache_memory, or its default: max_num_seqs full contexts, at most 1 GiB."""
+        return self.kv_cache_memory or min(1 << 30, self.max_num_seqs * max_model_len * bytes_per_token)

@@ -57,13 +57,12 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         mcfg = model.config
-        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 8192)
+        self.max_model_len = config.model_len(mcfg.max_position_embeddings)
         if self.max_model_len > mcfg.max_position_embeddings:
             raise FieldError("max_model_len", self.max_model_len, f"must not exceed the model's "
                              f"max_position_embeddings ({mcfg.max_position_embeddings})", "config field ")
         bytes_per_token = mcfg.num_hidden_layers * mcfg.kv_cache_dim * model.dtype.itemsize
-        kv_cache_memory = config.kv_cache_memory or min(1 << 30, config.max_num_seqs * self.max_model_len
-                                                        * bytes_per_token)
+        kv_cache_memory = config.cache_memory(self.max_model_len, bytes_per_token)
         num_blocks = kv_cache_memory // (config.block_size * bytes_per_token)
         if num_blocks * config.block_size < self.max_model_len:
             raise FieldError("kv_cache_memory", kv_cache_memory, f"holds {num_blocks * config.block_size} tokens "
