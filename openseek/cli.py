@@ -67,16 +67,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---- generate / chat ----------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser, engine_fields: tuple[str, ...]) -> None:
-    p.add_argument("--model", default=None, metavar="PATH", help="Hugging Face model folder (default: the bundled "
-                                                                  "demo model, computed in float32)")
-    add_engine_args(p, engine_fields)
-
-
-def add_engine_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    """A flag per named EngineConfig field, default None: EngineConfig's own default applies, so it lives there."""
+def add_model_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """--model, and a flag per named EngineConfig field with default None, so EngineConfig's default applies."""
     from .engine import EngineConfig
 
+    p.add_argument("--model", default=None, metavar="PATH", help="Hugging Face model folder (default: the bundled "
+                                                                  "demo model, computed in float32)")
     defaults = EngineConfig()
     for f in dataclasses.fields(EngineConfig):
         if f.name not in names:
@@ -98,17 +94,22 @@ def engine_config(args: argparse.Namespace, names: tuple[str, ...], **fixed):
     return EngineConfig(**{**given, **fixed})
 
 
-def model_and_dtype(args: argparse.Namespace) -> tuple[str, str | None]:
-    """--model and --dtype, defaulting to the bundled model computed in float32 (it is stored in bfloat16)."""
+def load_engine(args: argparse.Namespace, names: tuple[str, ...], **fixed):
+    """The LLMEngine of --model and the named flags; the bundled model (stored in bfloat16) computes in float32."""
     from . import BUNDLED_MODEL
+    from .engine import LLMEngine
 
-    if args.model is None:
+    model, dtype = args.model, args.dtype
+    if model is None:
         if not (BUNDLED_MODEL / "config.json").exists():
             raise UsageError(f"the bundled model is missing from {BUNDLED_MODEL}: pass --model PATH")
-        return str(BUNDLED_MODEL), args.dtype or "float32"
-    if not Path(args.model).is_dir():
-        raise UsageError(f"model path {args.model} is not a directory")
-    return args.model, args.dtype
+        model, dtype = str(BUNDLED_MODEL), dtype or "float32"
+    elif not Path(model).is_dir():
+        raise UsageError(f"model path {model} is not a directory")
+    try:
+        return LLMEngine.from_pretrained(model, engine_config(args, names, **fixed, dtype=dtype))
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float, top_p: float) -> None:
@@ -131,14 +132,12 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .chat import stream
-    from .engine import LLMEngine, SamplingParams
+    from .engine import SamplingParams
 
-    model, dtype = model_and_dtype(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, stop=args.stop)
-        config = engine_config(args, LOCAL_ENGINE_FIELDS, dtype=dtype, max_num_seqs=1)
-        engine = LLMEngine.from_pretrained(model, config)
+        engine = load_engine(args, LOCAL_ENGINE_FIELDS, max_num_seqs=1)
         prompt = args.prompt
         if args.chat:
             if engine.tokenizer is None:
@@ -168,15 +167,12 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import chat
-    from .engine import LLMEngine, SamplingParams
+    from .engine import SamplingParams
 
-    model, dtype = model_and_dtype(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens)
-        config = engine_config(args, LOCAL_ENGINE_FIELDS, dtype=dtype, max_num_seqs=1)
-        engine = LLMEngine.from_pretrained(model, config)
-        return chat(engine, params, args.system)
+        return chat(load_engine(args, LOCAL_ENGINE_FIELDS, max_num_seqs=1), params, args.system)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
 
@@ -267,12 +263,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .engine import LLMEngine
     from .server.app import build_app, serve
     from .server.async_engine import AsyncEngine
     from .server.protocol import Pricing
 
-    model, dtype = model_and_dtype(args)
     if (args.price_input is None) != (args.price_output is None):
         raise UsageError("give both --price-input and --price-output, or neither")
     api_key = args.api_key or os.environ.get("OPENSEEK_API_KEY") or None
@@ -285,11 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # loop thread's small kernels down, so load single-threaded.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        config = engine_config(args, SERVE_ENGINE_FIELDS, dtype=dtype)
-        engine = AsyncEngine(LLMEngine.from_pretrained(model, config), threads=threads)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from e
+    engine = AsyncEngine(load_engine(args, SERVE_ENGINE_FIELDS), threads=threads)
     name = args.served_model_name or (args.model if args.model is not None else BUNDLED_MODEL_NAME)
     app = build_app(engine, name, api_key, pricing)
     serve(app, args.host, args.port, args.log_level)
