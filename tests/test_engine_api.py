@@ -143,3 +143,12 @@ def test_server_and_chat_import_only_the_engine_package_public_names():
                 if node.module != "engine" or any(a.name not in openseek.engine.__all__ for a in node.names):
                     bad.append(f"{f.name}: from {'.' * node.level}{node.module} import {[a.name for a in node.names]}")
     assert not bad, bad
+
+
+def test_generate_feeds_more_prompts_than_the_waiting_queue_holds(folder):
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8]} for i in range(5)]
+    params = SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True)
+    small = LLM(folder, max_waiting=2).generate(prompts, params)  # one prompt's two sequences at a time
+    roomy = LLM(folder).generate(prompts, params)
+    assert [[c.token_ids for c in o.outputs] for o in small] == [[c.token_ids for c in o.outputs] for o in roomy]
+    assert [o.prompt_token_ids for o in small] == [p["prompt_token_ids"] for p in prompts]
