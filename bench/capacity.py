@@ -4,7 +4,7 @@ and against what transformers 5.24's DeepseekV2 actually caches, measured from i
 
     python bench/capacity.py [--budget-gib 4] [--seq-len 4096]
 
-openseek's figure is the engine's own allocation (LLM(..., kv_cache_memory=budget).token_capacity), not a
+openseek's figure is the engine's own allocation (LLMEngine.token_capacity at kv_cache_memory=budget), not a
 formula; transformers' is measured from the tensors its cache holds after a prefill.
 """
 
@@ -26,8 +26,7 @@ def transformers_cache_bytes_per_token(path: str, tokens: int = 64) -> int:
     ids = random_ids(1, tokens, ref.config.vocab_size)
     with torch.inference_mode():
         out = ref(ids, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
+    total = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in vars(layer).values()
                 if torch.is_tensor(t))
     return total // tokens
 
@@ -40,10 +39,11 @@ def main() -> None:
     args = p.parse_args()
     make_bench_checkpoint(args.path)
     budget = int(args.budget_gib * 2**30)
-    llm = openseek.LLM(args.path, dtype=torch.float32, kv_cache_memory=budget, max_model_len=args.seq_len)
-    cfg = llm.model.config
-    ours = llm.token_capacity // args.seq_len
-    ours_bpt = llm.runner.cache_bytes // llm.token_capacity
+    engine = openseek.LLMEngine.from_pretrained(args.path, openseek.EngineConfig(
+        dtype=torch.float32, kv_cache_memory=budget, max_model_len=args.seq_len))
+    cfg = engine.model.config
+    ours = engine.token_capacity // args.seq_len
+    ours_bpt = engine.runner.cache_bytes // engine.token_capacity
     expanded_bpt = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
     tf_bpt = transformers_cache_bytes_per_token(args.path)
     rows = [["openseek (paged latent: c_kv + k_pe)", f"{ours_bpt:,}", ours, "1.00x"]]

@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement, served and offline alike (the "
-                                                          "fastest is kept: single runs vary by about 10%% here)")
+                                                          "fastest is kept: single runs vary)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     make_bench_checkpoint(args.path)

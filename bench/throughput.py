@@ -65,11 +65,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     llm = openseek.LLM(args.path, dtype=dtype, max_num_seqs=64, enable_prefix_caching=False,
                        max_model_len=2048, max_num_batched_tokens=4096)
+    cfg = llm.llm_engine.model.config
     ref = None
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
         ref = AutoModelForCausalLM.from_pretrained(args.path, dtype=dtype).eval()
-    vocab = llm.model.config.vocab_size
+    vocab = cfg.vocab_size
     rows, batch1 = [], None
     for n, plen in args.scenarios:
         ids = random_ids(n, plen, vocab, seed=n * 1000 + plen)
@@ -97,8 +98,7 @@ def main() -> None:
     print(markdown_table(["sequences x prompt", "transformers tok/s", "openseek tok/s", "ratio"], rows))
     if batch1:
         bandwidth = read_bandwidth()
-        counts = count_parameters(llm.model.config)
-        cfg = llm.model.config
+        counts = count_parameters(cfg)
         context = batch1[1] + args.new_tokens / 2  # average cached tokens read per decode step
         weight_bytes = counts.activated_excl_embedding * dtype.itemsize  # the input embedding is one row
         cache_bytes = context * cfg.num_hidden_layers * cfg.kv_cache_dim * dtype.itemsize  # the cache: model dtype

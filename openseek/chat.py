@@ -9,48 +9,47 @@ from __future__ import annotations
 import sys
 from typing import Iterator, TextIO
 
-from .engine.engine import LLM, Prompt
-from .engine.sampler import SamplingParams
+from .engine import LLMEngine, Prompt, SamplingParams
 
 HELP = "commands: /reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply (at the prompt: quits)"
 
 
-def stream(llm: LLM, request_id: str, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+def stream(engine: LLMEngine, request_id: str, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
     """The text of one request as the engine produces it; closing the iterator early aborts the request."""
-    llm.add_request(request_id, prompt, params)
+    engine.add_request(request_id, prompt, params)
     try:
-        while llm.has_unfinished_requests():
-            for delta in llm.step():
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
                 if delta.request_id == request_id:
-                    yield delta.new_text if llm.tokenizer else "".join(f"{t} " for t in delta.new_token_ids)
+                    yield delta.new_text if engine.tokenizer else "".join(f"{t} " for t in delta.new_token_ids)
     finally:
-        if llm.has_unfinished_requests():
-            llm.abort(request_id)
+        if engine.has_unfinished_requests():
+            engine.abort(request_id)
 
 
-def conversation_ids(llm: LLM, messages: list[dict], reserve: int) -> list[int]:
+def conversation_ids(engine: LLMEngine, messages: list[dict], reserve: int) -> list[int]:
     """The rendered conversation with the generation prompt, oldest turns dropped (a system message kept) until
     reserve tokens of reply fit in max_model_len."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     while True:
-        text = llm.tokenizer.apply_chat_template(system + turns, add_generation_prompt=True)
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
-        if len(ids) + reserve <= llm.max_model_len or len(turns) <= 1:
+        text = engine.tokenizer.apply_chat_template(system + turns, add_generation_prompt=True)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+        if len(ids) + reserve <= engine.max_model_len or len(turns) <= 1:
             return ids
         turns = turns[2:] if len(turns) > 2 else turns[-1:]  # a user turn and its reply at a time
 
 
-def chat(llm: LLM, params: SamplingParams, system: str | None = None, stdin: TextIO = sys.stdin,
+def chat(engine: LLMEngine, params: SamplingParams, system: str | None = None, stdin: TextIO = sys.stdin,
          stdout: TextIO = sys.stdout) -> int:
     """Read user turns from stdin until EOF or /exit; stream each reply to stdout."""
-    if llm.tokenizer is None or llm.tokenizer.chat_template is None:
+    if engine.tokenizer is None or engine.tokenizer.chat_template is None:
         raise ValueError("chat needs a tokenizer.json and a chat_template in the model folder")
     interactive = stdin.isatty()
     if interactive:
         print(HELP, file=stdout)
     messages = [{"role": "system", "content": system}] if system else []
-    reserve = min(params.max_tokens or llm.max_model_len // 4, llm.max_model_len // 2)
+    reserve = min(params.max_tokens or engine.max_model_len // 4, engine.max_model_len // 2)
     turn = 0
     while True:
         if interactive:
@@ -73,12 +72,12 @@ def chat(llm: LLM, params: SamplingParams, system: str | None = None, stdin: Tex
                 print(HELP, file=stdout)
             continue
         messages.append({"role": "user", "content": line})
-        ids = conversation_ids(llm, messages, reserve)
-        if len(ids) >= llm.max_model_len:
-            print(f"[this message alone is {len(ids)} tokens; the context holds {llm.max_model_len}]", file=stdout)
+        ids = conversation_ids(engine, messages, reserve)
+        if len(ids) >= engine.max_model_len:
+            print(f"[this message alone is {len(ids)} tokens; the context holds {engine.max_model_len}]", file=stdout)
             messages.pop()
             continue
-        reply, pieces = [], stream(llm, f"chat-{turn}", {"prompt_token_ids": ids}, params)
+        reply, pieces = [], stream(engine, f"chat-{turn}", {"prompt_token_ids": ids}, params)
         try:
             for piece in pieces:
                 reply.append(piece)

@@ -7,6 +7,7 @@ User-input problems (missing files, unknown presets, invalid configs) raise Usag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,9 @@ from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, format_info, summar
 
 
 BUNDLED_MODEL_NAME = "openseek-demo"  # the model id `openseek serve` gives the bundled model
+LOCAL_ENGINE_FIELDS = ("dtype", "device", "max_model_len")  # generate / chat: one sequence at a time
+SERVE_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_memory", "block_size",
+                       "max_num_batched_tokens", "enable_prefix_caching", "seed", "max_waiting")
 
 
 class UsageError(Exception):
@@ -62,26 +66,50 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- generate / chat -------------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser) -> None:
+# ---- generate / chat ----------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """--model, and a flag per named EngineConfig field with default None, so EngineConfig's default applies."""
+    from .engine import EngineConfig
+
     p.add_argument("--model", default=None, metavar="PATH", help="Hugging Face model folder (default: the bundled "
-                                                                  "demo model)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (the checkpoint's; default: auto, "
-                                                 "float32 for the bundled model)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length: prompt + completion tokens")
+                                                                  "demo model, computed in float32)")
+    defaults = EngineConfig()
+    for f in dataclasses.fields(EngineConfig):
+        if f.name not in names:
+            continue
+        default = getattr(defaults, f.name)
+        text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, type=int if f.type.startswith("int") else str, default=None, help=text)
 
 
-def model_and_dtype(args: argparse.Namespace) -> tuple[str, str]:
-    """--model and --dtype, defaulting to the bundled model computed in float32 (it is stored in bfloat16)."""
+def engine_config(args: argparse.Namespace, names: tuple[str, ...], **fixed):
+    """The EngineConfig of the named engine flags given on the command line, with `fixed` fields on top."""
+    from .engine import EngineConfig
+
+    given = {name: v for name in names if (v := getattr(args, name)) is not None}
+    return EngineConfig(**{**given, **fixed})
+
+
+def load_engine(args: argparse.Namespace, names: tuple[str, ...], **fixed):
+    """The LLMEngine of --model and the named flags; the bundled model (stored in bfloat16) computes in float32."""
     from . import BUNDLED_MODEL
+    from .engine import LLMEngine
 
-    if args.model is None:
+    model, dtype = args.model, args.dtype
+    if model is None:
         if not (BUNDLED_MODEL / "config.json").exists():
             raise UsageError(f"the bundled model is missing from {BUNDLED_MODEL}: pass --model PATH")
-        return str(BUNDLED_MODEL), args.dtype or "float32"
-    if not Path(args.model).is_dir():
-        raise UsageError(f"model path {args.model} is not a directory")
-    return args.model, args.dtype or "auto"
+        model, dtype = str(BUNDLED_MODEL), dtype or "float32"
+    elif not Path(model).is_dir():
+        raise UsageError(f"model path {model} is not a directory")
+    try:
+        return LLMEngine.from_pretrained(model, engine_config(args, names, **fixed, dtype=dtype))
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from e
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float, top_p: float) -> None:
@@ -96,7 +124,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
-    add_model_args(p)
+    add_model_args(p, LOCAL_ENGINE_FIELDS)
     add_sampling_args(p, max_tokens=128, temperature=0.0, top_p=1.0)
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.set_defaults(run=cmd_generate)
@@ -104,21 +132,19 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .chat import stream
-    from .engine.engine import LLM
-    from .engine.sampler import SamplingParams
+    from .engine import SamplingParams
 
-    model, dtype = model_and_dtype(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, stop=args.stop)
-        llm = LLM(model, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=1)
+        engine = load_engine(args, LOCAL_ENGINE_FIELDS, max_num_seqs=1)
         prompt = args.prompt
         if args.chat:
-            if llm.tokenizer is None:
+            if engine.tokenizer is None:
                 raise ValueError("--chat needs a tokenizer.json in the model folder")
-            text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            prompt = {"prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
-        pieces = stream(llm, "cli", prompt, params)
+            text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+        pieces = stream(engine, "cli", prompt, params)
         first = next(pieces, "")  # the request is validated here
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
@@ -133,7 +159,7 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal, replies streamed",
                        description="An interactive chat through the model's chat template. /reset forgets the "
                                    "conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
-    add_model_args(p)
+    add_model_args(p, LOCAL_ENGINE_FIELDS)
     add_sampling_args(p, max_tokens=512, temperature=0.6, top_p=0.95)  # DeepSeek's suggested chat sampling
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     p.set_defaults(run=cmd_chat)
@@ -141,15 +167,12 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import chat
-    from .engine.engine import LLM
-    from .engine.sampler import SamplingParams
+    from .engine import SamplingParams
 
-    model, dtype = model_and_dtype(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens)
-        llm = LLM(model, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=1)
-        return chat(llm, params, args.system)
+        return chat(load_engine(args, LOCAL_ENGINE_FIELDS, max_num_seqs=1), params, args.system)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
 
@@ -230,10 +253,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                                                              "adds usage.cost")
     p.add_argument("--price-output", type=float, default=None, metavar="Y", help="price per million completion tokens")
     p.add_argument("--price-currency", default="USD", help="currency label of the prices (default: %(default)s)")
-    add_model_args(p)
-    # None: the default of LLM / AsyncEngine applies, so it lives in one place
-    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences generated at once")
-    p.add_argument("--max-waiting", type=int, default=None, help="queued sequences before requests get 429")
+    add_model_args(p, SERVE_ENGINE_FIELDS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
 
@@ -241,12 +261,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .engine.engine import LLM
+    import torch
+
     from .server.app import build_app, serve
     from .server.async_engine import AsyncEngine
     from .server.protocol import Pricing
 
-    model, dtype = model_and_dtype(args)
     if (args.price_input is None) != (args.price_output is None):
         raise UsageError("give both --price-input and --price-output, or neither")
     api_key = args.api_key or os.environ.get("OPENSEEK_API_KEY") or None
@@ -255,20 +275,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("openseek").warning("serving on %s without --api-key: anyone who can reach it can use it",
                                               args.host)
-    llm_kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_model_len", args.max_model_len))
-              if v is not None}
-    import torch
-
-    # Only the engine's loop thread computes. An OpenMP team first created by the main thread (loading) makes
-    # the loop thread's small kernels ~1.7x slower on 2 cores (bench/serve.py), so load single-threaded.
+    # Only the engine's loop thread computes; an OpenMP team first created by the main thread (loading) slows the
+    # loop thread's small kernels down, so load single-threaded.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        llm = LLM(model, dtype=dtype, **llm_kw)
-        engine = AsyncEngine(llm, **({} if args.max_waiting is None else {"max_waiting": args.max_waiting}),
-                             threads=threads)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from e
+    engine = AsyncEngine(load_engine(args, SERVE_ENGINE_FIELDS), threads=threads)
     name = args.served_model_name or (args.model if args.model is not None else BUNDLED_MODEL_NAME)
     app = build_app(engine, name, api_key, pricing)
     serve(app, args.host, args.port, args.log_level)

@@ -177,7 +177,10 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Streams generated text with vLLM's prefix/read offsets: each push decodes a few tokens, not the whole output."""
+    """Streams generated text with vLLM's prefix/read offsets: each push decodes a few tokens, not the whole output.
+
+    Not tokenizers' DecodeStream: it has no flush, so a sequence cut mid-character would lose the U+FFFD decode() shows.
+    """
 
     CONTEXT = 5  # prompt tokens decoded before the first output token, so word-boundary spaces come out right
 

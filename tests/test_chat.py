@@ -49,7 +49,7 @@ def test_system_message_is_rendered_first(folder):
 
 
 def test_old_turns_are_dropped_to_fit_the_context(folder):
-    llm = openseek.LLM(folder, max_num_seqs=1, max_model_len=96)
+    llm = openseek.LLMEngine.from_pretrained(folder, openseek.EngineConfig(max_num_seqs=1, max_model_len=96))
     messages = [{"role": "system", "content": "sys"}]
     for i in range(6):
         messages += [{"role": "user", "content": f"question {i} " * 4}, {"role": "assistant", "content": "ok " * 8}]

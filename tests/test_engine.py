@@ -22,6 +22,10 @@ def reference(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def pool_whole(engine) -> bool:
+    return engine.pool.num_free == engine.pool.num_blocks and all(c == 0 for c in engine.pool.ref_count)
+
+
 def prompts(n=8, seed=0, vocab=250):
     g = torch.Generator().manual_seed(seed)
     return [{"prompt_token_ids": torch.randint(0, vocab, (3 + 5 * i,), generator=g).tolist()} for i in range(n)]
@@ -39,7 +43,7 @@ def test_batched_greedy_matches_single_and_transformers(folder, reference):
             want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
         assert got == want[0, ids.shape[1]:].tolist()
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert pool_whole(llm.llm_engine)
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_num_batched_tokens=7), dict(enable_prefix_caching=False),
@@ -58,17 +62,18 @@ def test_chunked_prefill_prefix_hits_and_small_batches_change_nothing(folder, kw
 
 def test_reset_prefix_cache_forgets_prefixes_and_keeps_the_pool_whole(folder):
     llm = LLM(folder, block_size=4)
+    engine = llm.llm_engine
     p = {"prompt_token_ids": prompts(1, seed=7)[0]["prompt_token_ids"] * 4}  # full blocks to cache
     first = llm.generate(p, GREEDY)[0]
     assert llm.generate(p, GREEDY)[0].num_cached_tokens > 0
-    llm.add_request("running", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    llm.step()  # a sequence holds blocks while the cache is reset
+    engine.add_request("running", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()  # a sequence holds blocks while the cache is reset
     llm.reset_prefix_cache()
     again = llm.generate(p, GREEDY)[0]  # runs alongside "running", which finishes too
     assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
-    while llm.has_unfinished_requests():
-        llm.step()
-    assert llm.pool.num_free == llm.pool.num_blocks
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert pool_whole(engine)
     assert llm.generate(p, GREEDY)[0].num_cached_tokens > 0  # prefixes are cached again afterwards
 
 
@@ -79,7 +84,7 @@ def test_preemption_recomputes_and_frees_every_block(folder):
     got = [o.outputs[0].token_ids for o in llm.generate(prompts(6), params)]
     roomy = LLM(folder, block_size=4)
     assert got == [o.outputs[0].token_ids for o in roomy.generate(prompts(6), params)]
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert pool_whole(llm.llm_engine)
 
 
 def llm_bytes(folder) -> int:
@@ -90,23 +95,25 @@ def llm_bytes(folder) -> int:
 
 def test_abort_frees_blocks(folder):
     llm = LLM(folder, block_size=4)
+    engine = llm.llm_engine
     for i, p in enumerate(prompts(4)):
-        llm.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
-        llm.step()
-    assert llm.pool.num_free < llm.pool.num_blocks
+        engine.step()
+    assert engine.pool.num_free < engine.pool.num_blocks
     for i in range(4):
-        llm.abort(f"r{i}")
-    assert not llm.has_unfinished_requests()
-    assert llm.pool.num_free == llm.pool.num_blocks and all(c == 0 for c in llm.pool.ref_count)
+        engine.abort(f"r{i}")
+    assert not engine.has_unfinished_requests()
+    assert pool_whole(engine)
 
 
 def test_step_deltas_concatenate_to_the_final_text(folder):
     llm = LLM(folder)
-    llm.add_request("a", "Hello world", SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True))
+    engine = llm.llm_engine
+    engine.add_request("a", "Hello world", SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True))
     text, tokens = "", []
-    while llm.has_unfinished_requests():
-        for d in llm.step():
+    while engine.has_unfinished_requests():
+        for d in engine.step():
             text += d.new_text
             tokens += d.new_token_ids
             final = d
@@ -165,28 +172,30 @@ def test_logprobs_are_returned(folder, reference):
 
 def test_cache_bytes_are_capacity_times_latent_bytes(folder):
     llm = LLM(folder, kv_cache_memory=1_000_000, block_size=8, max_model_len=1024)
-    cfg = llm.model.config
+    engine = llm.llm_engine
+    cfg = engine.model.config
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    assert llm.runner.cache_bytes == llm.token_capacity * per_token
-    assert llm.token_capacity == (1_000_000 // (8 * per_token)) * 8
+    assert engine.runner.cache_bytes == engine.token_capacity * per_token
+    assert engine.token_capacity == (1_000_000 // (8 * per_token)) * 8
 
 
 def test_bad_requests_are_rejected_and_nothing_accepted_is_lost(folder):
     llm = LLM(folder, max_model_len=64)
-    llm.add_request("keep", "Hello", SamplingParams(max_tokens=3))
+    engine = llm.llm_engine
+    engine.add_request("keep", "Hello", SamplingParams(max_tokens=3))
     with pytest.raises(ValueError, match="max_model_len is 64"):
-        llm.add_request("long", {"prompt_token_ids": [5] * 64}, SamplingParams())
+        engine.add_request("long", {"prompt_token_ids": [5] * 64}, SamplingParams())
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        llm.add_request("oov", {"prompt_token_ids": [10**6]})
+        engine.add_request("oov", {"prompt_token_ids": [10**6]})
     with pytest.raises(ValueError, match="prompt is empty"):
-        llm.add_request("empty", {"prompt_token_ids": []})
+        engine.add_request("empty", {"prompt_token_ids": []})
     with pytest.raises(ValueError, match="already in use"):
-        llm.add_request("keep", "again")
+        engine.add_request("keep", "again")
     with pytest.raises(ValueError, match="max_model_len is 64"):
         llm.generate(["fine", {"prompt_token_ids": [5] * 80}])
-    while llm.has_unfinished_requests():
-        llm.step()
-    assert "keep" not in llm.requests and llm.pool.num_free == llm.pool.num_blocks
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert "keep" not in engine.requests and pool_whole(engine)
 
 
 def test_model_without_tokenizer_accepts_token_ids(tmp_path):
@@ -224,4 +233,4 @@ def test_prompt_logprobs_match_transformers_and_skip_the_prefix_cache(folder, re
         entry = out.prompt_logprobs[p]
         assert entry[ids[p]] == pytest.approx(want[p - 1, ids[p]].item(), abs=1e-4)
         assert set(want[p - 1].topk(2).indices.tolist()) <= set(entry)
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert pool_whole(llm.llm_engine)

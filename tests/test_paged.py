@@ -29,10 +29,11 @@ class Harness:
         self.sched = Scheduler(self.pool, block_size, 8, budget)
         self.runner = ModelRunner(model, blocks, block_size)
         self.logits: dict[str, list[torch.Tensor]] = {}
+        self.cont: dict[str, list[int]] = {}
 
     def add(self, name, prompt, cont) -> Sequence:
-        seq = Sequence(name, list(prompt), max_tokens=len(cont) + 1, params=list(cont))
-        self.logits[name] = []
+        seq = Sequence(name, list(prompt), max_tokens=len(cont) + 1)
+        self.logits[name], self.cont[name] = [], list(cont)
         self.sched.add(seq)
         return seq
 
@@ -45,8 +46,9 @@ class Harness:
             for i, seq in enumerate(batch.seqs):
                 if batch.samples[i]:
                     self.logits[seq.request_id].append(next(rows))
-                    if len(seq.output_ids) < len(seq.params):
-                        seq.output_ids.append(seq.params[len(seq.output_ids)])
+                    cont = self.cont[seq.request_id]
+                    if len(seq.output_ids) < len(cont):
+                        seq.output_ids.append(cont[len(seq.output_ids)])
                     else:
                         self.sched.finish(seq, "length")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_folder, first_new_substring
-from openseek import LLM, SamplingParams
+from openseek import LLM, LLMEngine, SamplingParams
 from server_util import KEY, Server
 from tokenizers_util import BOS
 
@@ -172,7 +172,6 @@ def test_chat_logprobs_match_offline_and_list_the_top_tokens(server, offline):
         assert item.logprob == pytest.approx(tops[0], abs=1e-6)  # greedy: the sampled token is the most likely
 
 
-@pytest.mark.skipif(not hasattr(SamplingParams(), "prompt_logprobs"), reason="the engine has no prompt logprobs yet")
 def test_echo_logprobs_score_the_prompt_like_transformers(server, model, offline):
     """lm-evaluation-harness loglikelihood: echo=True, max_tokens 0 or 1, logprobs=1, prompt as token ids."""
     ref = model[1]
@@ -340,7 +339,7 @@ def test_usage_carries_cost_at_the_configured_prices(guarded):
 def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(folder):
     from openseek.server.async_engine import AsyncEngine, EngineFailed
 
-    llm = LLM(folder)
+    llm = LLMEngine.from_pretrained(folder)
     engine, real_step, calls = AsyncEngine(llm), llm.step, []
 
     def flaky_step():

@@ -1,125 +1,130 @@
-"""`LLM`: vLLM's offline API over the step interface the server drives.
+"""`LLMEngine`: the step engine over an already-loaded model, the one owner of every request rule.
 
-    llm = LLM(model=PATH)
-    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8))
+    engine.add_request("a", "Hello", SamplingParams(n=2, max_tokens=32))
+    while engine.has_unfinished_requests():
+        for delta in engine.step(): ...   # StepOutput; the last one of a request carries its RequestOutput
 
-Underneath: `add_request` -> `step()` (one scheduled forward pass, returning per-request deltas) -> `abort`.
+A request fans out into `n` sequences here (completion j draws with seed + j), admission is bounded here
+(`max_waiting`), and `stats()` is what a server reports; the server adds nothing of its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..model import load_pretrained
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..model import Transformer, load_pretrained
+from ..tokenizer import Tokenizer
+from ..validation import FieldError
 from .block_pool import BlockPool
+from .config import EngineConfig
+from .output_processor import RequestState, StepOutput
 from .runner import ModelRunner
 from .sampler import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
-Prompt = str | dict[str, Any] | list[int]
+Prompt = str | dict[str, Any] | list[int]  # text, {"prompt_token_ids": [...]}, or token ids
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_waiting sequences: the client should retry later."""
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    waiting: int  # sequences
+    running: int
+    cache_usage: float  # fraction of cache blocks held by sequences
+    generation_tokens: int  # since start, aborted requests' included
 
 
 @dataclass(slots=True)
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort", or None while running
-    logprobs: list[dict[int, float]] | None = None  # per token: the sampled token and the top-N, id -> logprob
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-
-
-@dataclass(slots=True)
-class StepOutput:
-    """What one step added to one request."""
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None = None
-    new_logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # on the first delta, if asked; entry 0 is None
-
-
-@dataclass
 class _Request:
-    seq: Sequence
-    params: SamplingParams
-    generator: torch.Generator
-    prompt: str | None
-    detok: IncrementalDetokenizer | None
-    text: str = ""
-    emitted: int = 0  # characters of text already returned in deltas
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    state: RequestState
+    generators: list[torch.Generator]  # one per sequence
 
 
-class LLM:
-    def __init__(self, model: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                 max_num_seqs: int = 64, max_model_len: int | None = None, kv_cache_memory: int | None = None,
-                 block_size: int = 16, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 seed: int = 0):
-        if isinstance(dtype, str):
-            dtype = _parse_dtype(dtype)
-        for name, v in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
-                        ("max_num_batched_tokens", max_num_batched_tokens)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is invalid: must be a positive integer")
-        self.model = load_pretrained(model, dtype=dtype, device=device)
-        self.tokenizer = Tokenizer.from_pretrained(model)
-        cfg = self.model.config
-        self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 8192)
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
-                             f"({cfg.max_position_embeddings})")
-        self.bytes_per_token = cfg.num_hidden_layers * cfg.kv_cache_dim * self.model.dtype.itemsize
-        if kv_cache_memory is None:
-            kv_cache_memory = min(1 << 30, max_num_seqs * self.max_model_len * self.bytes_per_token)
-        num_blocks = kv_cache_memory // (block_size * self.bytes_per_token)
-        if num_blocks * block_size < self.max_model_len:
-            raise ValueError(f"kv_cache_memory={kv_cache_memory} holds {num_blocks * block_size} tokens, fewer than "
-                             f"max_model_len={self.max_model_len} ({self.bytes_per_token} bytes per token)")
-        self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
-        self.requests: dict[str, _Request] = {}  # unfinished ones, and finished ones `generate` will collect
-        self._collect_ids: set[str] = set()
-        self._rng = random.Random(seed)
-        self._next_id = 0
+class LLMEngine:
+    """Steps over `model` as given (its dtype and device; config.dtype and config.device only guide loading)."""
 
-    def reset_prefix_cache(self) -> None:
-        """Forget cached prefixes, so the next requests compute their prompts in full (benchmarks; vLLM's name)."""
-        self.pool.reset_prefix_cache()
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        mcfg = model.config
+        self.max_model_len = config.model_len(mcfg.max_position_embeddings)
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise FieldError("max_model_len", self.max_model_len, f"must not exceed the model's "
+                             f"max_position_embeddings ({mcfg.max_position_embeddings})", "config field ")
+        bytes_per_token = mcfg.num_hidden_layers * mcfg.kv_cache_dim * model.dtype.itemsize
+        kv_cache_memory = config.cache_memory(self.max_model_len, bytes_per_token)
+        num_blocks = kv_cache_memory // (config.block_size * bytes_per_token)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise FieldError("kv_cache_memory", kv_cache_memory, f"holds {num_blocks * config.block_size} tokens "
+                             f"({bytes_per_token} bytes each): must hold max_model_len={self.max_model_len}",
+                             "config field ")
+        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer else _as_int(mcfg.eos_token_id)
+        self.requests: dict[str, _Request] = {}  # unfinished ones
+        self._rng = random.Random(config.seed)
+        self._generation_tokens = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None) -> LLMEngine:
+        """Load a model folder (weights at config.dtype on config.device, tokenizer.json if any) into an engine."""
+        config = config or EngineConfig()
+        model = load_pretrained(path, dtype=config.dtype, device=config.device)
+        return cls(model, Tokenizer.from_pretrained(path), config)
 
     @property
     def token_capacity(self) -> int:
-        return self.pool.num_blocks * self.block_size
+        return self.pool.num_blocks * self.config.block_size
 
-    # ---- the step interface ----------------------------------------------------------------------
+    def update_weights(self) -> None:
+        """Renew what derives from the model's weights after a trainer changed them in place (no request running)."""
+        # Once the model keeps derived weights (MLA's absorbed W_UK, W_UV), model.absorb_weights() belongs here.
+        self.reset_prefix_cache()  # cached latents were computed with the old weights
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes, so the next requests compute their prompts in full (vLLM's name)."""
+        self.pool.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.waiting), len(s.running), self.pool.usage(), self._generation_tokens)
+
+    # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
-        self._enqueue(self._prepare(request_id, prompt, params or SamplingParams()))
+        """Queue a request of params.n sequences; raises ValueError (a bad request) or QueueFull."""
+        self.add_requests([(request_id, prompt, params or SamplingParams())])
+
+    def add_requests(self, requests: list[tuple[str, Prompt, SamplingParams]]) -> None:
+        """Queue several requests, all or none: a rejected one leaves the engine as it was."""
+        limit, total = self.config.max_waiting, sum(params.n for _, _, params in requests)
+        if total > limit:
+            n = max(params.n for _, _, params in requests)
+            raise FieldError("n", n, f"at most {limit} sequences (max_waiting) can be queued; this asks for {total} "
+                             "(prompts x n)")
+        prepared = [self._prepare(*r) for r in requests]
+        if len({r.state.request_id for r in prepared}) < len(prepared):
+            raise ValueError("request ids must be distinct")
+        waiting = len(self.scheduler.waiting)
+        if waiting + total > limit:
+            raise QueueFull(f"the waiting queue is full ({waiting} of {limit} sequences); retry later")
+        for req in prepared:
+            self.requests[req.state.request_id] = req
+            for seq in req.state.seqs:
+                self.scheduler.add(seq)
 
     def _prepare(self, request_id: str, prompt: Prompt, params: SamplingParams) -> _Request:
-        """Validate and tokenize; no side effect, so a rejected request leaves the engine as it was."""
+        """Validate and tokenize; no side effect."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
@@ -128,92 +133,12 @@ class LLM:
                              "leave room for at least one generated token")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        gen = torch.Generator(device=self.model.device)
-        gen.manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
-        seq = Sequence(request_id, ids, max_tokens, params, needs_all_logits=params.prompt_logprobs is not None)
-        req = _Request(seq, params, gen, text, detok)
-        if params.prompt_logprobs is not None:
-            req.prompt_logprobs = [None] * len(ids)
-        return req
-
-    def _enqueue(self, req: _Request) -> None:
-        self.requests[req.seq.request_id] = req
-        self.scheduler.add(req.seq)
-
-    def abort(self, request_id: str) -> None:
-        """Drop a request and free its cache blocks; unknown or finished ids are ignored."""
-        req = self.requests.pop(request_id, None)
-        if req is not None and req.seq.status is not Status.FINISHED:
-            self.scheduler.finish(req.seq, "abort")
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        run = self.runner.run(batch)
-        for i, chunk in run.chunk_logits.items():
-            self._record_prompt_logprobs(self.requests[batch.seqs[i].request_id], chunk)
-        self.scheduler.after_step(batch)
-        sampling = [self.requests[seq.request_id] for i, seq in enumerate(batch.seqs) if batch.samples[i]]
-        if not sampling:
-            return []
-        eos = self.tokenizer.eos_token_id if self.tokenizer else _as_int(self.model.config.eos_token_id)
-        result = sample(run.sample_logits, [r.params for r in sampling], [r.generator for r in sampling],
-                        [r.seq.prompt_ids for r in sampling], [r.seq.output_ids for r in sampling], eos)
-        outs = []
-        for k, req in enumerate(sampling):
-            lp = None
-            if result.logprobs is not None and req.params.logprobs is not None:
-                lp = {result.token_ids[k]: result.logprobs[k], **dict(result.top_logprobs[k])}
-            outs.append(self._append(req, result.token_ids[k], lp, eos))
-        return outs
-
-    def _record_prompt_logprobs(self, req: _Request, chunk: torch.Tensor) -> None:
-        """Logprobs of the prompt tokens that this prefill chunk's positions predict (entry 0 stays None)."""
-        seq, top_n = req.seq, req.params.prompt_logprobs
-        start, prompt = seq.num_computed, seq.prompt_ids
-        logp = chunk.log_softmax(-1)  # (n, V); row i predicts token start + i + 1
-        top_vals, top_ids = logp.topk(top_n, dim=-1) if top_n else (None, None)
-        for i in range(chunk.shape[0]):
-            p = start + i + 1
-            if p >= len(prompt) or req.prompt_logprobs[p] is not None:
-                continue  # a generated position, or recomputed after preemption
-            entry = {prompt[p]: logp[i, prompt[p]].item()}
-            if top_n:
-                entry.update(zip(top_ids[i].tolist(), top_vals[i].tolist()))
-            req.prompt_logprobs[p] = entry
-
-    def _append(self, req: _Request, token: int, lp: dict[int, float] | None, eos: int | None) -> StepOutput:
-        seq, params = req.seq, req.params
-        seq.output_ids.append(token)
-        if lp is not None:
-            req.logprobs.append(lp)
-        if req.detok is not None:
-            req.text += req.detok.push([token])
-        reason = None
-        if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = "stop"
-        elif params.stop and (cut := _find_stop(req.text, params.stop, req.emitted)) is not None:
-            req.text, reason = req.text[:cut], "stop"
-        elif len(seq.output_ids) >= seq.max_tokens:
-            reason = "length"
-        if reason is not None:
-            if req.detok is not None and reason != "stop":
-                req.text += req.detok.flush()  # a length stop may cut a multi-byte character
-            self.scheduler.finish(seq, reason)
-            if seq.request_id not in self._collect_ids:
-                del self.requests[seq.request_id]
-        # While running, hold back a possible stop-string prefix so a stream never shows it.
-        hold = 0 if reason or not params.stop else max(map(len, params.stop)) - 1
-        upto = max(req.emitted, len(req.text) - hold)
-        new_text, req.emitted = req.text[req.emitted:upto], upto
-        first = len(seq.output_ids) == 1
-        return StepOutput(seq.request_id, [token], new_text, reason is not None, reason, [lp] if lp else None,
-                          req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None)
+        seqs, generators = [], []
+        for j in range(params.n):
+            seqs.append(Sequence(request_id, ids, max_tokens, j, needs_all_logits=params.prompt_logprobs is not None))
+            generators.append(torch.Generator(device=self.model.device))
+            generators[-1].manual_seed(self._rng.getrandbits(63) if params.seed is None else params.seed + j)
+        return _Request(RequestState(request_id, text, params, seqs, self.tokenizer), generators)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -235,57 +160,49 @@ class LLM:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return text, ids
 
-    # ---- the offline API -------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None
-                 ) -> list[RequestOutput]:
-        """Generate for each prompt; outputs in prompt order, each with params.n completions."""
-        params = sampling_params or SamplingParams()
-        single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                      and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
-        ids, reqs = [], []
-        for prompt in prompts:  # validate everything before anything is queued
-            rid = f"gen-{self._next_id}"
-            self._next_id += 1
-            ids.append(rid)
-            for j in range(params.n):
-                reqs.append(self._prepare(f"{rid}/{j}", prompt, params if params.n == 1 else _with_seed(params, j)))
-        for req in reqs:
-            self._collect_ids.add(req.seq.request_id)
-            self._enqueue(req)
-        while self.has_unfinished_requests():
-            self.step()
-        return [self._collect(rid, params.n) for rid in ids]
+    def abort(self, request_id: str) -> None:
+        """Drop a request and free its sequences' cache blocks; unknown or finished ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        for seq in req.state.seqs if req else []:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
 
-    def _collect(self, rid: str, n: int) -> RequestOutput:
-        reqs = [self.requests.pop(f"{rid}/{j}") for j in range(n)]
-        self._collect_ids.difference_update(f"{rid}/{j}" for j in range(n))
-        outputs = [CompletionOutput(j, r.text, list(r.seq.output_ids), r.seq.finish_reason,
-                                    r.logprobs if r.params.logprobs is not None else None)
-                   for j, r in enumerate(reqs)]
-        first = reqs[0]
-        return RequestOutput(rid, first.prompt, first.seq.prompt_ids, outputs, True, first.seq.num_cached_prompt,
-                             first.prompt_logprobs if first.params.prompt_logprobs is not None else None)
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
 
-
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Index of the earliest stop string in the not-yet-emitted tail of text (plus overlap), or None."""
-    start = max(0, emitted - max(map(len, stops)))
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else None
-
-
-def _with_seed(params: SamplingParams, j: int) -> SamplingParams:
-    return dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
+    # ---- one step ----------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One scheduled forward pass; a delta per sequence that sampled a token."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        run = self.runner.run(batch)
+        for i, chunk in run.chunk_logits.items():
+            seq = batch.seqs[i]
+            self.requests[seq.request_id].state.record_prompt_logprobs(seq.num_computed, chunk)
+        self.scheduler.after_step(batch)
+        seqs = [seq for i, seq in enumerate(batch.seqs) if batch.samples[i]]
+        if not seqs:
+            return []
+        reqs = [self.requests[seq.request_id] for seq in seqs]
+        params = [r.state.params for r in reqs]
+        result = sample(run.sample_logits, params, [r.generators[s.index] for r, s in zip(reqs, seqs)],
+                        [s.prompt_ids for s in seqs], [s.output_ids for s in seqs], self.eos_token_id)
+        self._generation_tokens += len(seqs)
+        outs = []
+        for k, (seq, req) in enumerate(zip(seqs, reqs)):
+            lp = None
+            if result.logprobs is not None and params[k].logprobs is not None:
+                lp = {result.token_ids[k]: result.logprobs[k], **dict(result.top_logprobs[k])}
+            seq.output_ids.append(result.token_ids[k])
+            out = req.state.append(seq.index, result.token_ids[k], lp, self.eos_token_id)
+            if out.finished:
+                self.scheduler.finish(seq, out.finish_reason)
+            if out.output is not None:
+                del self.requests[seq.request_id]
+            outs.append(out)
+        return outs
 
 
 def _as_int(v: int | list[int] | None) -> int | None:
     return v[0] if isinstance(v, list) else v
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "auto": None}
-    if name not in table:
-        raise ValueError(f"dtype={name!r} is invalid: allowed: {', '.join(table)}")
-    return table[name]

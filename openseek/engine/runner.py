@@ -1,6 +1,7 @@
 """The one engine file that touches tensors: the latent cache, batch tensors, the forward pass.
 
-Shapes: N packed new tokens, B sequences, P blocks per sequence, V vocabulary.
+Shapes: N packed new tokens, B sequences, S new tokens of one sequence, D model dim, V vocabulary, C latent,
+R rope dim.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from .scheduler import ScheduledBatch
 
 @dataclass(slots=True)
 class RunOutput:
-    sample_logits: torch.Tensor  # (S, V) float32, one row per sequence that samples, in batch order
-    chunk_logits: dict[int, torch.Tensor]  # batch index -> (n, V) float32 for every token of its prefill chunk
+    sample_logits: torch.Tensor  # (B, V) float32, one row per sequence that samples, in batch order
+    chunk_logits: dict[int, torch.Tensor]  # batch index -> (S, V) float32 for every token of its prefill chunk
 
 
 class ModelRunner:
@@ -60,6 +61,6 @@ class ModelRunner:
             block_size=L,
         )
         h = self.model.hidden_states_paged(torch.tensor(ids, dtype=torch.long, device=dev), fb, self.kv_cache)  # (N, D)
-        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (S, V)
-        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (n, V) per prefill chunk
+        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
+        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
         return RunOutput(sample, chunks)

@@ -1,6 +1,6 @@
 """One step's logits to next tokens: penalties, min_tokens, logprobs, greedy / temperature / top-k / top-p / min-p.
 
-B rows (one per sequence), V vocabulary, S rows that are drawn rather than greedy. Order per step, as in vLLM:
+B rows (one per sequence; the drawn rows are a subset, also B), V vocabulary. Order per step, as in vLLM:
   1. repetition penalty on prompt + generated tokens (CTRL / HF: divide positive logits, multiply negative);
   2. frequency and presence penalties on generated tokens (OpenAI: logit -= f * count + p * (count > 0));
   3. min_tokens: the ids that would end the sequence (stop_token_ids, and eos unless ignore_eos) are masked;
@@ -11,11 +11,11 @@ B rows (one per sequence), V vocabulary, S rows that are drawn rather than greed
 
 Truncation is one logit threshold per row, so tokens tied with the last kept one are all kept (as HF's top-k
 does); for untied logits this is exactly the sort-and-cut rule. Only values are sorted, never indices: on CPU
-numpy's SIMD value sort is ~20x faster than torch.sort with indices, and the sort is still the largest cost.
+numpy's SIMD value sort is much faster than torch.sort with indices.
 
 The draw is inverse-CDF sampling with one uniform from the row's own torch.Generator, so a seeded request gives
-the same tokens whatever else shares the batch. torch.multinomial draws from the same distribution but costs ~1 ms
-per 32k-vocab row on CPU, most of a step's budget at B = 64; one uniform per row costs ~1 us.
+the same tokens whatever else shares the batch; torch.multinomial draws from the same distribution but is far
+slower per row on CPU (bench/results/ has the figures).
 """
 
 from __future__ import annotations
@@ -26,19 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..validation import check, is_int, is_number
+
 MAX_LOGPROBS = 20
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
-# exp() of inputs below ~-87 underflows through a path ~100x slower on CPU; tokens this far (p / p_max < 2e-35)
-# below the best one carry no float32-visible mass, so they are dropped
+# exp() of inputs below ~-87 underflows through a slow path on CPU; tokens this far (p / p_max < 2e-35) below the
+# best one carry no float32-visible mass, so they are dropped
 EXP_FLOOR = -80.0
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(slots=True)
@@ -64,42 +58,40 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        def check(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        def must(ok: bool, name: str, allowed: str) -> None:
+            check(ok, name, getattr(self, name), "must be " + allowed)
 
-        check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
-        check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)")
-        check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
-        check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= 1, or 0 / -1 for off")
-        check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+        must(is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
+        must(is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0 (0 = greedy)")
+        must(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        must(is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= 1, or 0 / -1 for off")
+        must(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
-            check(_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "a number in [-2, 2]")
-        check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-              "a number > 0 (1 = off)")
-        check(self.seed is None or _is_int(self.seed), "seed", "an integer or None")
-        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
-              "an integer >= 1, or None")
-        check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
+            must(is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "a number in [-2, 2]")
+        must(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+             "a number > 0 (1 = off)")
+        must(self.seed is None or is_int(self.seed), "seed", "an integer or None")
+        must(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+             "an integer >= 1, or None")
+        must(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
         if self.max_tokens is not None:
-            check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens={self.max_tokens}")
+            must(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens={self.max_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        check(self.stop is None or (isinstance(self.stop, (list, tuple))
-                                    and all(isinstance(s, str) and s for s in self.stop)),
-              "stop", "a non-empty string, a list of non-empty strings, or None")
+        must(self.stop is None or (isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) and s
+                                                                              for s in self.stop)),
+             "stop", "a non-empty string, a list of non-empty strings, or None")
         self.stop = list(self.stop or [])
-        check(self.stop_token_ids is None or (isinstance(self.stop_token_ids, (list, tuple))
-                                              and all(_is_int(t) and t >= 0 for t in self.stop_token_ids)),
-              "stop_token_ids", "a list of integers >= 0, or None")
+        must(self.stop_token_ids is None or (isinstance(self.stop_token_ids, (list, tuple))
+                                             and all(is_int(t) and t >= 0 for t in self.stop_token_ids)),
+             "stop_token_ids", "a list of integers >= 0, or None")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool")
-        check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
-              f"an integer in [0, {MAX_LOGPROBS}], or None")
-        check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
-                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), "prompt_logprobs",
-              f"an integer in [0, {MAX_LOGPROBS}], or None")
-        check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "a bool")
+        must(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            must(value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
+                 f"an integer in [0, {MAX_LOGPROBS}], or None")
+        must(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "a bool")
 
     @property
     def greedy(self) -> bool:
@@ -144,14 +136,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     top: list[list[tuple[int, float]]] = [[] for _ in params]
     n_top = max(p.logprobs or 0 for p in params)
     if n_top:
-        top_vals, top_ids = logp.topk(min(n_top, logp.shape[1]), dim=-1)  # (B, N), sorted descending
+        top_vals, top_ids = logp.topk(min(n_top, logp.shape[1]), dim=-1)  # (B, n_top), sorted descending
         top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         top = [list(zip(top_ids[i][: p.logprobs or 0], top_vals[i][: p.logprobs or 0])) for i, p in enumerate(params)]
     return SampleResult(tokens, chosen, top)
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dim, keeping exp() above EXP_FLOOR (torch's slows down ~6x on wide logits)."""
+    """log_softmax over the last dim, keeping exp() above EXP_FLOOR (torch's hits exp's slow underflow path)."""
     z = x - x.amax(dim=-1, keepdim=True)  # (B, V)
     return z.sub_(z.clamp(min=EXP_FLOOR).exp_().sum(dim=-1, keepdim=True).log_())
 
@@ -210,38 +202,38 @@ def _unique_pairs(rows: list[tuple[int, list[int]]], V: int, device: torch.devic
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row (S, V) -> (S,): temperature, truncation, then inverse-CDF with each row's generator."""
-    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # (S, 1)
+    """One token per row (B, V) -> (B,): temperature, truncation, then inverse-CDF with each row's generator."""
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # (B, 1)
     # Subtracting the max first keeps tiny temperatures finite; the max of z is exactly 0.
-    z = (logits - logits.amax(dim=-1, keepdim=True)).div_(temperature)  # (S, V)
-    floor = torch.full_like(temperature, EXP_FLOOR)  # (S, 1) the smallest z kept
+    z = (logits - logits.amax(dim=-1, keepdim=True)).div_(temperature)  # (B, V)
+    floor = torch.full_like(temperature, EXP_FLOOR)  # (B, 1) the smallest z kept
     if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
         floor = _threshold(z, params).clamp_(min=EXP_FLOOR)
     # Unnormalised probabilities exp(z - floor): >= 1 for kept tokens, < 1 for dropped ones, which the scalar
     # threshold zeroes in place; clamping at -1 keeps exp() off its slow underflow path.
-    w = z.sub_(floor).clamp_(min=-1.0).exp_()  # (S, V)
+    w = z.sub_(floor).clamp_(min=-1.0).exp_()  # (B, V)
     torch.nn.functional.threshold_(w, 1.0 - 2.0**-24, 0.0)  # the largest float32 below 1: keeps w >= 1
-    u = torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device) for g in generators])  # (S,)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device) for g in generators])  # (B,)
     return _inverse_cdf(w, u.to(w.device))
 
 
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row of weights w (S, V), the first token whose cumulative weight exceeds u * total; u (S,) in [0, 1).
+    """Per row of weights w (B, V), the first token whose cumulative weight exceeds u * total; u (B,) in [0, 1).
 
     Two levels (blocks of CDF_BLOCK tokens, then tokens inside the chosen block) in float64: one pass over w
     instead of a full-vocabulary float64 cumsum, and a float32 cumsum would round probabilities below ~3e-8 to 0.
     """
-    S, V = w.shape
+    B, V = w.shape
     nb = -(-V // CDF_BLOCK)
     if nb * CDF_BLOCK != V:
         w = torch.nn.functional.pad(w, (0, nb * CDF_BLOCK - V))
-    blocks = w.view(S, nb, CDF_BLOCK)  # (S, nb, CDF_BLOCK)
-    outer = blocks.sum(dim=-1).double().cumsum(dim=-1)  # (S, nb)
-    v = torch.minimum(u[:, None] * outer[:, -1:], _below(outer[:, -1:]))  # (S, 1) u * total rounds up to total
-    b = torch.searchsorted(outer, v, right=True)  # (S, 1), a block with mass
+    blocks = w.view(B, nb, CDF_BLOCK)  # (B, nb, CDF_BLOCK)
+    outer = blocks.sum(dim=-1).double().cumsum(dim=-1)  # (B, nb)
+    v = torch.minimum(u[:, None] * outer[:, -1:], _below(outer[:, -1:]))  # (B, 1) u * total rounds up to total
+    b = torch.searchsorted(outer, v, right=True)  # (B, 1), a block with mass
     v = v - torch.where(b > 0, outer.gather(1, (b - 1).clamp(min=0)), 0.0)
-    inner = blocks.gather(1, b[:, :, None].expand(S, 1, CDF_BLOCK)).squeeze(1).double().cumsum(dim=-1)  # (S, BLOCK)
-    j = torch.searchsorted(inner, torch.minimum(v, _below(inner[:, -1:])), right=True)  # (S, 1)
+    inner = blocks.gather(1, b[:, :, None].expand(B, 1, CDF_BLOCK)).squeeze(1).double().cumsum(dim=-1)  # (B, CDF_BLOCK)
+    j = torch.searchsorted(inner, torch.minimum(v, _below(inner[:, -1:])), right=True)  # (B, 1)
     return (b * CDF_BLOCK + j).squeeze(1)
 
 
@@ -251,18 +243,18 @@ def _below(x: torch.Tensor) -> torch.Tensor:
 
 
 def _threshold(z: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Per row (S, 1), the smallest logit that survives top-k, then top-p, then min-p; z's row max is 0."""
-    S, V = z.shape
+    """Per row (B, 1), the smallest logit that survives top-k, then top-p, then min-p; z's row max is 0."""
+    B, V = z.shape
     device = z.device
-    a = _sorted_values(z).clamp_(min=EXP_FLOOR)  # (S, V) ascending: the top-k are the last k
-    k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)[:, None]  # (S, 1)
-    tau_k = a.gather(1, V - k)  # (S, 1)
-    mass = a.exp().cumsum_(dim=-1)  # (S, V) ascending: small terms are summed first
+    a = _sorted_values(z).clamp_(min=EXP_FLOOR)  # (B, V) ascending: the top-k are the last k
+    k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], device=device)[:, None]  # (B, 1)
+    tau_k = a.gather(1, V - k)  # (B, 1)
+    mass = a.exp().cumsum_(dim=-1)  # (B, V) ascending: small terms are summed first
     total = mass[:, -1:]
-    first_k = torch.searchsorted(a, tau_k)  # (S, 1) first position of the top-k, ties included
+    first_k = torch.searchsorted(a, tau_k)  # (B, 1) first position of the top-k, ties included
     mass_k = total - torch.where(first_k > 0, mass.gather(1, (first_k - 1).clamp(min=0)), 0.0)
     # top-p keeps a token while the mass strictly above it is < top_p * mass_k: the smallest set reaching top_p
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # (S, 1)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]  # (B, 1)
     first_p = torch.searchsorted(mass, total - top_p * mass_k, right=True).clamp(max=V - 1)  # the top token stays
     tau_p = torch.where(top_p < 1, a.gather(1, first_p), -math.inf)
     tau_min = torch.tensor([p.min_p for p in params], device=device)[:, None].log()  # p / p_max = exp(z)
@@ -271,6 +263,6 @@ def _threshold(z: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 def _sorted_values(x: torch.Tensor) -> torch.Tensor:
     """Each row's values in ascending order, without indices (thresholds only need values)."""
-    if x.device.type == "cpu":  # numpy's SIMD value sort is ~20x faster than torch.sort on CPU
+    if x.device.type == "cpu":  # numpy's SIMD value sort beats torch.sort on CPU
         return torch.from_numpy(np.sort(x.numpy(), axis=-1))
     return x.sort(dim=-1).values

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 from .block_pool import block_hash
 
@@ -15,12 +14,12 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two completions of one request can hold equal fields
 class Sequence:
     request_id: str
     prompt_ids: list[int]
     max_tokens: int  # generated tokens allowed (after max_model_len is applied)
-    params: Any = None  # SamplingParams; the scheduler never looks inside
+    index: int = 0  # which of the request's n completions
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """The HTTP layer: FastAPI routes, SSE, bearer-key auth, OpenAI-style errors, /health, /metrics, and `serve`.
 
-    llm = LLM(model=PATH)
-    serve(build_app(AsyncEngine(llm), model_name="tiny"), host="127.0.0.1", port=8000)
+    engine = LLMEngine.from_pretrained(PATH, EngineConfig(max_num_seqs=8))
+    serve(build_app(AsyncEngine(engine), model_name="tiny"), host="127.0.0.1", port=8000)
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits; a second
 signal exits at once.
@@ -48,7 +48,7 @@ class SSEResponse(StreamingResponse):
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               pricing: p.Pricing | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine loop."""
-    metrics = Metrics(lambda: engine.stats)
+    metrics = Metrics(engine.stats)
     serving = OpenAIServing(engine, model_name, metrics, pricing)
 
     @contextlib.asynccontextmanager
@@ -78,7 +78,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": p.now(), "owned_by": "openseek",
-                "max_model_len": engine.llm.max_model_len}
+                "max_model_len": engine.llm_engine.max_model_len}
         return {"object": "list", "data": [card]}
 
     async def respond(route: str, req, raw: Request, job, stream, response) -> Response:

@@ -1,9 +1,8 @@
-"""The one engine loop: a background thread owns the LLM; asyncio handlers talk to it through queues.
+"""The one engine loop: a background thread owns the LLMEngine; asyncio handlers talk to it through queues.
 
-The LLM is not thread-safe, so every add_request / abort / step happens on the loop thread. Handlers put commands
-on a thread-safe queue; each step's deltas go back to per-request asyncio queues through one
-`loop.call_soon_threadsafe` per step. Admission is bounded: when the engine's waiting queue is full a request is
-refused (QueueFull -> 429) instead of growing memory without limit.
+The engine is not thread-safe, so every add_requests / abort / step happens on the loop thread. Handlers put
+commands on a thread-safe queue; each step's deltas go back to per-request asyncio queues through one
+`loop.call_soon_threadsafe` per step. The engine's own rules (admission, fan-out, validation) answer `add`.
 """
 
 from __future__ import annotations
@@ -14,17 +13,14 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from ..engine import EngineStats, LLMEngine, Prompt, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-class QueueFull(Exception):
-    """The waiting queue holds max_waiting sequences: the client should retry later."""
 
 
 class Draining(Exception):
@@ -35,17 +31,9 @@ class EngineFailed(Exception):
     """A step raised; the requests in flight were aborted."""
 
 
-@dataclass(slots=True, frozen=True)
-class EngineStats:
-    waiting: int = 0
-    running: int = 0
-    cache_usage: float = 0.0  # fraction of cache blocks held by sequences
-    generation_tokens: int = 0  # since start, aborted requests' included
-
-
 @dataclass(slots=True)
 class _Add:
-    requests: list[tuple[str, Any, Any]]  # (request_id, prompt, SamplingParams)
+    requests: list[tuple[str, Prompt, SamplingParams]]
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
@@ -62,31 +50,31 @@ class _Drain:
 
 
 class AsyncEngine:
-    """Drives `llm` (an openseek.LLM) from one thread; `add` and `abort` may be called from any event loop."""
+    """Drives an LLMEngine from one thread; `add` and `abort` may be called from any event loop."""
 
-    def __init__(self, llm, max_waiting: int = 256, threads: int | None = None):
-        if not isinstance(max_waiting, int) or max_waiting < 1:
-            raise ValueError(f"max_waiting={max_waiting!r} is invalid: must be a positive integer")
-        self.llm = llm
+    def __init__(self, llm_engine: LLMEngine, threads: int | None = None):
+        self.llm_engine = llm_engine
         self.threads = threads  # torch intra-op threads of the loop thread (see cmd_serve)
-        self.max_waiting = max_waiting
-        self.stats = EngineStats()  # replaced (never mutated) by the loop thread after every iteration
+        self._stats = llm_engine.stats()  # replaced (never mutated) by the loop thread after every iteration
         self.draining = False
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # SimpleQueue.put is safe in signal handlers
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._on_idle: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
-        self._generation_tokens = 0
 
     # ---- called from handlers ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The engine's stats after the loop's latest iteration (safe from any thread)."""
+        return self._stats
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def add(self, requests: list[tuple[str, Any, Any]]) -> asyncio.Queue:
+    async def add(self, requests: list[tuple[str, Prompt, SamplingParams]]) -> asyncio.Queue:
         """Queue (request_id, prompt, params) triples, all or none; their StepOutputs arrive on the returned queue.
 
-        Raises ValueError (a request the engine rejects), QueueFull or Draining.
+        Raises what LLMEngine.add_requests raises (ValueError, QueueFull), or Draining.
         """
         if not self.alive:
             raise EngineFailed("the engine loop is not running")
@@ -136,16 +124,16 @@ class AsyncEngine:
             raise
 
     def _loop(self) -> None:
-        llm = self.llm
+        engine = self.llm_engine
         while True:
-            for cmd in self._next_commands(block=not llm.has_unfinished_requests()):
+            for cmd in self._next_commands(block=not engine.has_unfinished_requests()):
                 if cmd is _STOP:
                     self._fail_all(Draining("the server stopped before the request finished"))
                     return
                 self._handle(cmd)
-            if llm.has_unfinished_requests():
+            if engine.has_unfinished_requests():
                 try:
-                    outs = llm.step()
+                    outs = engine.step()
                 except Exception as e:  # a bug, not a bad request: fail what is in flight and keep serving
                     logger.exception("engine step failed; aborting %d requests", len(self._streams))
                     self._fail_all(EngineFailed(f"the engine failed while generating: {type(e).__name__}: {e}"))
@@ -154,7 +142,7 @@ class AsyncEngine:
                 self._dispatch(outs)
             else:
                 self._publish()
-            if self._on_idle is not None and not llm.has_unfinished_requests():
+            if self._on_idle is not None and not engine.has_unfinished_requests():
                 on_idle, self._on_idle = self._on_idle, None
                 on_idle()
 
@@ -169,7 +157,7 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         if isinstance(cmd, _Abort):
             for rid in cmd.request_ids:
-                self.llm.abort(rid)
+                self.llm_engine.abort(rid)
                 self._streams.pop(rid, None)
         elif isinstance(cmd, _Drain):
             self._on_idle = cmd.on_idle
@@ -177,38 +165,22 @@ class AsyncEngine:
             self._add(cmd)
 
     def _add(self, cmd: _Add) -> None:
-        error = self._admission_error(len(cmd.requests))
-        added = []
+        error = Draining("the server is shutting down and accepts no new requests") if self.draining else None
         if error is None:
             try:
-                for rid, prompt, params in cmd.requests:
-                    self.llm.add_request(rid, prompt, params)
-                    added.append(rid)
-            except Exception as e:  # ValueError names the problem; anything else is reported, not raised here
+                self.llm_engine.add_requests(cmd.requests)
+            except Exception as e:  # ValueError and QueueFull name the problem; anything else is reported too
                 error = e
-                for rid in added:
-                    self.llm.abort(rid)
         if error is None:
-            for rid in added:
+            for rid, _, _ in cmd.requests:
                 self._streams[rid] = (cmd.loop, cmd.queue)
         cmd.loop.call_soon_threadsafe(_resolve, cmd.done, error)
-
-    def _admission_error(self, n: int) -> Exception | None:
-        if self.draining:
-            return Draining("the server is shutting down and accepts no new requests")
-        if n > self.max_waiting:
-            return ValueError(f"the request asks for {n} sequences (prompts x n); at most max_waiting="
-                              f"{self.max_waiting} can be queued")
-        waiting = len(self.llm.scheduler.waiting)
-        if waiting + n > self.max_waiting:
-            return QueueFull(f"the waiting queue is full ({waiting} of {self.max_waiting} sequences); retry later")
-        return None
 
     def _dispatch(self, outs: list) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outs:
-            self._generation_tokens += len(out.new_token_ids)
-            stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            done = out.output is not None  # the request's last delta
+            stream = self._streams.pop(out.request_id, None) if done else self._streams.get(out.request_id)
             if stream is not None:
                 by_loop.setdefault(stream[0], []).append((stream[1], out))
         for loop, items in by_loop.items():
@@ -220,12 +192,11 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, error)
         if abort:
             for rid in streams:
-                self.llm.abort(rid)
+                self.llm_engine.abort(rid)
             self._publish()
 
     def _publish(self) -> None:
-        s = self.llm.scheduler
-        self.stats = EngineStats(len(s.waiting), len(s.running), self.llm.pool.usage(), self._generation_tokens)
+        self._stats = self.llm_engine.stats()
 
 
 def _resolve(fut: asyncio.Future, error: Exception | None) -> None:

@@ -8,7 +8,6 @@ vLLM's extensions.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -17,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ..engine.sampler import SamplingParams
+from ..engine import SamplingParams
+from ..validation import FieldError
 
 TokenStr = Callable[[int], str]  # token id -> its text, as shown in logprobs
 
@@ -79,20 +79,16 @@ class _Sampling(BaseModel):
                 names: dict[str, str] | None = None) -> SamplingParams:
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
-        fields = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k", "min_p",
-                  "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
+        fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
+                  "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
         kw: dict[str, Any] = {k: v for k in fields if (v := getattr(self, k)) is not None}
         kw.update(max_tokens=max_tokens, logprobs=logprobs)
         if prompt_logprobs is not None:
             kw["prompt_logprobs"] = prompt_logprobs
-        if not isinstance(self.n, int) or self.n < 1:
-            raise APIError(400, f"n={self.n!r} is invalid: must be an integer >= 1", "n")
         try:
-            return SamplingParams(**kw)  # n stays 1: the server submits n engine requests itself
-        except (ValueError, TypeError) as e:  # the message names the field: "top_p=2.0 is invalid: ..."
-            match = re.match(r"(\w+)=", str(e))
-            param = match.group(1) if match else None
-            raise APIError(400, str(e), (names or {}).get(param, param)) from e
+            return SamplingParams(**kw)
+        except FieldError as e:
+            raise APIError(400, str(e), (names or {}).get(e.field, e.field)) from e
 
     @property
     def include_usage(self) -> bool:
@@ -119,18 +115,10 @@ class CompletionRequest(_Sampling):
         prompt_logprobs = self.logprobs if self.echo else None
         return self._params(max_tokens, self.logprobs, prompt_logprobs)
 
-    @property
-    def _items(self) -> list:
-        p = self.prompt
-        return [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self._items)
-
     def prompts(self, tokenizer) -> list[tuple[str | None, list[int]]]:
         """(text or None, token ids) per prompt: a string, a list of token ids, or a list of either."""
-        items = self._items
+        p = self.prompt
+        items = [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
         if not items:
             raise APIError(400, "prompt is empty", "prompt")
         out = []

@@ -1,0 +1,62 @@
+"""`EngineConfig`: the one place for the engine's defaults and their validation; the CLI's flags come from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..validation import check, is_int
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": None}
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Engine settings; names and defaults follow vLLM's engine arguments where they overlap."""
+
+    dtype: str | torch.dtype | None = field(default=None, metadata=_help(
+        "weights and cache: float32, bfloat16, float16 or auto (the checkpoint's)"))
+    device: str = field(default="cpu", metadata=_help("torch device of the model and its cache"))
+    max_num_seqs: int = field(default=64, metadata=_help("sequences generated at once"))
+    max_model_len: int | None = field(default=None, metadata=_help(
+        "context length, prompt + completion (default: the model's, at most 8192)"))
+    kv_cache_memory: int | None = field(default=None, metadata=_help(
+        "bytes of latent cache (default: max_num_seqs full contexts, at most 1 GiB)"))
+    block_size: int = field(default=16, metadata=_help("tokens per cache block"))
+    max_num_batched_tokens: int = field(default=2048, metadata=_help("tokens computed per step"))
+    enable_prefix_caching: bool = field(default=True, metadata=_help("reuse the cache of shared prompt prefixes"))
+    seed: int = field(default=0, metadata=_help("seeds the draws of requests that give no seed"))
+    max_waiting: int = field(default=256, metadata=_help("queued sequences before new requests are refused"))
+
+    def __post_init__(self) -> None:
+        own = "config field "
+        if isinstance(self.dtype, str):
+            check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {', '.join(DTYPES)}", own)
+            self.dtype = DTYPES[self.dtype]
+        check(self.dtype is None or isinstance(self.dtype, torch.dtype), "dtype", self.dtype,
+              "must be a torch.dtype, a dtype name or None", own)
+        check(isinstance(self.device, str) and bool(self.device), "device", self.device, "must be a device name", own)
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_waiting"):
+            value = getattr(self, name)
+            check(is_int(value) and value >= 1, name, value, "must be a positive integer", own)
+        for name in ("max_model_len", "kv_cache_memory"):
+            value = getattr(self, name)
+            check(value is None or (is_int(value) and value >= 1), name, value, "must be a positive integer or None",
+                  own)
+        check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
+              "must be a bool", own)
+        check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
+
+    def model_len(self, max_position_embeddings: int) -> int:
+        """max_model_len, or its default: the model's context, at most 8192 tokens."""
+        return self.max_model_len or min(max_position_embeddings, 8192)
+
+    def cache_memory(self, max_model_len: int, bytes_per_token: int) -> int:
+        """kv_cache_memory, or its default: max_num_seqs full contexts, at most 1 GiB."""
+        return self.kv_cache_memory or min(1 << 30, self.max_num_seqs * max_model_len * bytes_per_token)
