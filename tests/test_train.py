@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from openseek.train.config import train_preset
-from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_at, train_step
+from openseek.train.step import build_optimizer, build_recipe, init_weights, lr_at, train_step
 from openseek.train.run import train, train_device
 from openseek.model import Transformer
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..model import Transformer
 from ..model.moe import Experts, MoE
-from .loop import StepResult
+from .step import StepResult
 from .moe_recipe import MoERecipe
 
 T = TypeVar("T")

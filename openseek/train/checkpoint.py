@@ -1,0 +1,88 @@
+"""Checkpoints (model, optimizer, data position, RNGs in the single-device layout: exact resume at any world size)
+and the final export in the Hugging Face layout."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model import Transformer, save_pretrained
+from ..tokenizer import TOKENIZER_FILES
+from . import distributed
+from .config import TrainConfig
+from .data import TokenLoader
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ckpt-{step}.pt atomically (temp file, then rename) and keep the newest keep_last."""
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"ckpt-{step:07d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(ckpt_dir.glob("ckpt-*.pt"))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    return found[-1] if found else None
+
+
+def save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
+         loader: TokenLoader, world: distributed.World) -> None:
+    """A checkpoint in the single-device layout, gathered on rank 0 (every rank takes part in the gather)."""
+    state = {"step": step, "config": cfg.to_dict(), "model": distributed.full_state_dict(model, world),
+             "optimizer": distributed.full_optimizer_state(opt, model, world),
+             "loader": loader.state_dict(), "rng": rng_state()}
+    if world.is_main:
+        save_checkpoint(out, step, state, cfg.keep_last)
+
+
+def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer, loader: TokenLoader,
+            world: distributed.World) -> int:
+    """Load the latest checkpoint under out into model, optimizer, loader and RNGs; -> its step."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise ValueError(f"--resume: no checkpoint in {out}/checkpoints")
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")  # loading copies to the model's device
+    if state["config"] != cfg.to_dict():
+        raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
+    distributed.load_full_state_dict(model, state["model"], world)
+    distributed.load_full_optimizer_state(opt, model, state["optimizer"], world)
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def export(model: Transformer, tokenizer_dir: Path, out: Path, world: distributed.World) -> Path:
+    """The final model in the Hugging Face layout under out/model, tokenizer files beside it (written by rank 0;
+    a collective when experts are sharded)."""
+    path = out / "model"
+    full = distributed.gathered_model(model, world)
+    if not world.is_main:
+        return path
+    full.config.torch_dtype = "float32"
+    save_pretrained(full, path)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
