@@ -50,15 +50,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 def save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
          loader: TokenLoader, world: distributed.World) -> None:
     """A checkpoint in the single-device layout, gathered on rank 0 (every rank takes part in the gather)."""
-    state = {"step": step, "config": cfg.to_dict(), "model": distributed.full_state_dict(model, world),
-             "optimizer": distributed.full_optimizer_state(opt, model, world),
+    model_sd, opt_sd = distributed.full_state_dicts(model, opt)
+    state = {"step": step, "config": cfg.to_dict(), "model": model_sd, "optimizer": opt_sd,
              "loader": loader.state_dict(), "rng": rng_state()}
     if world.is_main:
         save_checkpoint(out, step, state, cfg.keep_last)
 
 
-def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer, loader: TokenLoader,
-            world: distributed.World) -> int:
+def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer, loader: TokenLoader) -> int:
     """Load the latest checkpoint under out into model, optimizer, loader and RNGs; -> its step."""
     ckpt = latest_checkpoint(out)
     if ckpt is None:
@@ -66,8 +65,7 @@ def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Op
     state = torch.load(ckpt, weights_only=False, map_location="cpu")  # loading copies to the model's device
     if state["config"] != cfg.to_dict():
         raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
-    distributed.load_full_state_dict(model, state["model"], world)
-    distributed.load_full_optimizer_state(opt, model, state["optimizer"], world)
+    distributed.load_full_state_dicts(model, opt, state["model"], state["optimizer"])
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state["step"]
@@ -77,7 +75,7 @@ def export(model: Transformer, tokenizer_dir: Path, out: Path, world: distribute
     """The final model in the Hugging Face layout under out/model, tokenizer files beside it (written by rank 0;
     a collective when experts are sharded)."""
     path = out / "model"
-    full = distributed.gathered_model(model, world)
+    full = distributed.gathered_model(model)
     if not world.is_main:
         return path
     full.config.torch_dtype = "float32"

@@ -79,7 +79,8 @@ class TrainConfig:
             ("val_fraction", 0 < self.val_fraction < 1, "must lie in (0, 1)"),
             ("device_limit", 1 <= self.device_limit <= self.n_devices, "must lie in [1, n_devices]"),
             ("init", not (self.sft and self.init is None), "sft=True needs init: the model folder to fine-tune"),
-            ("model", not (self.init is not None and self.model), "init brings its own architecture; leave model empty"),
+            ("model", not (self.init is not None and self.model),
+             "init brings its own architecture; leave model empty"),
         ]
         for name, ok, allowed in checks:
             check(ok, name, getattr(self, name), allowed, owner="train config ")

@@ -72,44 +72,46 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int 
     """Run (or continue) training; returns the exported model folder when the last step is reached.
 
     Under torchrun every rank runs this (distributed.py); rank 0 alone writes metrics, checkpoints and the export."""
-    world = distributed.setup()
+    device = train_device(cfg.device)  # before any work: a bad device fails at once
+    world = distributed.setup(device.type)
     try:
         cfg.check_world(world.size)
-        return _train(cfg, Path(out), resume, stop_at, progress and world.is_main, world)
+        return _train(cfg, Path(out), device, resume, stop_at, progress and world.is_main, world)
     finally:
         distributed.teardown(world)
 
 
 def train_device(name: str) -> torch.device:
-    """The device a run trains on: cuda is this rank's GPU (distributed.setup picks it under torchrun)."""
+    """The device a run trains on: cuda is the current GPU (under torchrun, this rank's: distributed.setup sets it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("train config device='cuda': no CUDA device is available; use device='cpu'")
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda")
     return torch.device("cpu")
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progress: bool,
+def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop_at: int | None, progress: bool,
            world: distributed.World) -> Path | None:
-    device = train_device(cfg.device)  # before any work: a bad device fails at once
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
-    model = _build_model(cfg, prepared.train_bos_eos, world).to(device).train()
+    model = _build_model(cfg, prepared.train_bos_eos).to(device).train()
+    if cfg.expert_parallel:
+        distributed.shard_experts(model, world)
     recipe = build_recipe(cfg)
     recipe.install(model)
     opt = build_optimizer(model, cfg)
     loader = data.TokenLoader(prepared.train, cfg.batch_size, cfg.seq_len, cfg.seed, world.rank, world.size)
-    step = checkpoint.restore(out, cfg, model, opt, loader, world) if resume else 0
+    step = checkpoint.restore(out, cfg, model, opt, loader) if resume else 0
     if world.is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = MetricsLog(out / "metrics.jsonl", step, enabled=world.is_main)
     dtype = getattr(torch, cfg.dtype)
     flops_per_token = 6 * count_parameters(model.config).activated_excl_embedding
     peak = measure_peak_flops(dtype, model.device) * world.size if world.is_main else 0.0
-    sync = distributed.GradSync(model, recipe, world) if world.size > 1 else None  # 1 rank: no distributed code
+    parallel = distributed.DataParallel(model, recipe, world, dtype) if world.size > 1 else None  # 1 rank: none
     micro = cfg.batch_size // cfg.grad_accum // world.size
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     bar = _progress(progress, step, cfg.steps)
@@ -117,8 +119,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
         t0 = time.perf_counter()
         x, y = next(loader)
         lr = lr_at(cfg, step)
-        res = train_step(model, opt, recipe, list(zip(x.split(micro), y.split(micro))), cfg, lr, dtype,
-                         all_reduce=sync, clip_grad_norm=sync.clip_grad_norm if sync else None)
+        res = train_step(model, opt, recipe, list(zip(x.split(micro), y.split(micro))), cfg, lr, dtype, parallel)
         res = distributed.mean_step_result(res, world)
         step += 1
         if step % cfg.log_every == 0 or step == end:
@@ -136,8 +137,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progr
     return path
 
 
-def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int], world: distributed.World) -> Transformer:
-    """The initial model on the CPU: --init's weights, or a fresh one; its routed experts sharded for EP."""
+def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int]) -> Transformer:
+    """The initial model on the CPU: --init's weights, or a fresh one."""
     if cfg.init is not None:
         model = load_pretrained(cfg.init, dtype=torch.float32)
     else:
@@ -145,8 +146,6 @@ def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int], world: distributed.
         mcfg.bos_token_id, mcfg.eos_token_id = bos_eos
         model = Transformer(mcfg)
         init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
-    if cfg.expert_parallel:
-        distributed.shard_experts(model, world)
     return model
 
 

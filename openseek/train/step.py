@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -43,10 +43,15 @@ def init_weights(model: Transformer, std: float, seed: int) -> None:
 
 
 def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only (norm weights are vectors); the fused kernel, much faster than the loop."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Weight decay on matrices only (norm weights are vectors); the fused kernel, much faster than the loop. The
+    routed experts form a group of their own: one fused call cannot mix their DTensors (expert parallelism) with
+    plain tensors, and the groups must be the same at every world size for checkpoints to resume anywhere."""
+    named = list(model.named_parameters())
+    experts = [p for n, p in named if ".experts." in n]
+    decay = [p for n, p in named if p.dim() >= 2 and ".experts." not in n]
+    no_decay = [p for n, p in named if p.dim() < 2 and ".experts." not in n]
+    groups = [{"params": ps, "weight_decay": wd} for ps, wd in
+              ((decay, cfg.weight_decay), (experts, cfg.weight_decay), (no_decay, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
@@ -73,30 +78,49 @@ def lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, dtype: torch.d
         return linear_cross_entropy(h.flatten(0, 1), model.head.weight, y.flatten())
 
 
+class LMLoss(nn.Module):
+    """lm_loss as a module of its own: data parallelism (DDP) hooks a module's forward."""
+
+    def __init__(self, model: Transformer, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.model, x, y, self.dtype)
+
+
+class Parallel(Protocol):
+    """What a multi-rank step needs (distributed.DataParallel): the loss with gradient sync on or off, the gradients
+    finished after backward, and the norm clipped over all ranks."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor: ...
+
+    def finish_grads(self) -> None: ...
+
+    def clip_grad_norm(self, max_norm: float) -> float: ...
+
+
 def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe, micro_batches: list,
-               cfg: TrainConfig, lr: float, dtype: torch.dtype, all_reduce: Callable[[nn.Module], None] | None = None,
-               clip_grad_norm: Callable[[nn.Module, float], float] | None = None) -> StepResult:
-    """One optimizer step over grad_accum micro-batches; `all_reduce(model)` averages gradients across ranks and
-    `clip_grad_norm(model, max_norm) -> norm` replaces the local clipping when parameters are sharded."""
+               cfg: TrainConfig, lr: float, dtype: torch.dtype, parallel: Parallel | None = None) -> StepResult:
+    """One optimizer step over grad_accum micro-batches; with `parallel`, over this rank's rows of them."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     total, aux_sums, tokens = 0.0, {}, 0
-    for x, y in micro_batches:
+    for i, (x, y) in enumerate(micro_batches):
         recipe.reset()
-        loss = lm_loss(model, x, y, dtype)
+        loss = lm_loss(model, x, y, dtype) if parallel is None else parallel.loss(x, y, i == len(micro_batches) - 1)
         aux = recipe.step_losses()
         (loss + sum(aux.values(), loss.new_zeros(()))).div(len(micro_batches)).backward()
         total += loss.item() / len(micro_batches)
         for k, v in aux.items():
             aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / len(micro_batches)
         tokens += y.numel()
-    if all_reduce is not None:
-        all_reduce(model)
-    if clip_grad_norm is not None:
-        grad_norm = clip_grad_norm(model, cfg.clip)
-    else:
+    if parallel is None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=False).item()
+    else:
+        parallel.finish_grads()
+        grad_norm = parallel.clip_grad_norm(cfg.clip)
     opt.step()
     recipe.update_bias(model)
     return StepResult(total, aux_sums, grad_norm, tokens)
