@@ -63,13 +63,13 @@ class Router(nn.Module):
     def _limit_groups(self, choice_NE: torch.Tensor, G: int, keep: int, per_group: int) -> torch.Tensor:
         """Keep the experts of the `keep` best of G groups, a group scored by the sum of its top per_group."""
         N, E = choice_NE.shape
-        choice_NGe = choice_NE.view(N, G, E // G)
-        group_NG = choice_NGe.topk(per_group, dim=-1).values.sum(-1)
+        by_group = choice_NE.view(N, G, E // G)  # (N, G, E/G)
+        group_NG = by_group.topk(per_group, dim=-1).values.sum(-1)
         # V2's reference fills with 0 (softmax scores are > 0); biased scores may be negative
         fill = 0.0 if self.method == "group_limited_greedy" else float("-inf")
         keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
         keep_NG.scatter_(1, group_NG.topk(keep, dim=-1).indices, True)
-        return choice_NGe.masked_fill(~keep_NG[..., None], fill).view(N, E)
+        return by_group.masked_fill(~keep_NG[..., None], fill).view(N, E)
 
 
 class Experts(nn.Module):
