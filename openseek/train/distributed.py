@@ -173,7 +173,8 @@ def average_expert_grads(model: nn.Module, world: World) -> None:
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """clip_grad_norm_ over DTensor and plain gradients alike, which it cannot mix in one norm: the norm before."""
+    """clip_grad_norm_ over DTensor and plain gradients, which it refuses to mix in one norm (torch 2.13: "got mixed
+    torch.Tensor and DTensor"): the two norms combined, then every gradient clipped; -> the norm before."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     plain = [g for g in grads if not isinstance(g, DTensor)]
     sharded = [g for g in grads if isinstance(g, DTensor)]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..model import Transformer
+from ..model.moe import MoE
 from .config import TrainConfig
 from .loss import IGNORE_INDEX, linear_cross_entropy
 from .moe_recipe import MoERecipe
@@ -44,12 +45,12 @@ def init_weights(model: Transformer, std: float, seed: int) -> None:
 
 def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices only (norm weights are vectors); the fused kernel, much faster than the loop. The
-    routed experts form a group of their own: one fused call cannot mix their DTensors (expert parallelism) with
-    plain tensors, and the groups must be the same at every world size for checkpoints to resume anywhere."""
-    named = list(model.named_parameters())
-    experts = [p for n, p in named if ".experts." in n]
-    decay = [p for n, p in named if p.dim() >= 2 and ".experts." not in n]
-    no_decay = [p for n, p in named if p.dim() < 2 and ".experts." not in n]
+    routed experts form a group of their own: the fused kernel refuses their DTensors (expert parallelism) mixed with
+    plain tensors in one call, and the groups must be the same at every world size for checkpoints to resume
+    anywhere."""
+    experts = [p for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()]
+    rest = [p for p in model.parameters() if id(p) not in {id(e) for e in experts}]
+    decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in
               ((decay, cfg.weight_decay), (experts, cfg.weight_decay), (no_decay, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
