@@ -49,7 +49,8 @@ def build_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     plain tensors in one call, and the groups must be the same at every world size for checkpoints to resume
     anywhere."""
     experts = [p for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()]
-    rest = [p for p in model.parameters() if id(p) not in {id(e) for e in experts}]
+    expert_ids = {id(p) for p in experts}
+    rest = [p for p in model.parameters() if id(p) not in expert_ids]
     decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in
               ((decay, cfg.weight_decay), (experts, cfg.weight_decay), (no_decay, 0.0)) if ps]
