@@ -7,8 +7,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -19,29 +17,6 @@ from .config import TrainConfig
 from .data import TokenLoader
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write ckpt-{step}.pt atomically (temp file, then rename) and keep the newest keep_last."""
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"ckpt-{step:07d}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(ckpt_dir.glob("ckpt-*.pt"))[:-keep_last]:
-        old.unlink()
-    return path
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("ckpt-*.pt"))
     return found[-1] if found else None
@@ -49,12 +24,21 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
          loader: TokenLoader, world: distributed.World) -> None:
-    """A checkpoint in the single-device layout, gathered on rank 0 (every rank takes part in the gather)."""
+    """OUT/checkpoints/ckpt-{step}.pt in the single-device layout, gathered and written by rank 0 (every rank takes
+    part in the gather), atomically (temp file, then rename); the newest keep_last are kept."""
     model_sd, opt_sd = distributed.full_state_dicts(model, opt)
+    if not world.is_main:
+        return
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     state = {"step": step, "config": cfg.to_dict(), "model": model_sd, "optimizer": opt_sd,
-             "loader": loader.state_dict(), "rng": rng_state()}
-    if world.is_main:
-        save_checkpoint(out, step, state, cfg.keep_last)
+             "loader": loader.state_dict(), "rng": rng}
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"ckpt-{step:07d}.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in sorted(ckpt_dir.glob("ckpt-*.pt"))[:-cfg.keep_last]:
+        old.unlink()
 
 
 def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer, loader: TokenLoader) -> int:
@@ -67,7 +51,9 @@ def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Op
         raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
     distributed.load_full_state_dicts(model, opt, state["model"], state["optimizer"])
     loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
     return state["step"]
 
 

@@ -32,17 +32,13 @@ class MetricsLog:
 
 def train_record(step: int, res: StepResult, lr: float, seconds: float, flops_per_token: float, peak_flops: float,
                  recipe: MoERecipe) -> dict[str, Any]:
-    """The metrics.jsonl record of one optimizer step."""
+    """The metrics.jsonl record of one optimizer step; MFU counts the activated parameters' FLOPs."""
+    tokens_per_s = res.tokens / max(seconds, 1e-9)
     return {"kind": "train", "step": step, "loss": res.loss, "aux": res.aux, "grad_norm": res.grad_norm, "lr": lr,
-            **throughput(res.tokens, seconds, flops_per_token, peak_flops),
+            "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak_flops if peak_flops else 0.0,
             "moe": [{"layer": int(name.split(".")[1]), "max_over_mean": s["load_max_over_mean"], "cv": s["load_cv"],
                      "dead": s["dead_experts"], "dropped": s["dropped_fraction"]}
                     for name, s in recipe.stats().items()]}
-
-
-def throughput(tokens: int, seconds: float, flops_per_token: float, peak_flops: float) -> dict[str, float]:
-    tps = tokens / max(seconds, 1e-9)
-    return {"tokens_per_s": tps, "mfu": tps * flops_per_token / peak_flops if peak_flops else 0.0}
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> float:
