@@ -167,3 +167,20 @@ def test_world_size_must_split_the_batch_and_the_experts():
         train_preset("tiny", batch_size=6, expert_parallel=True).check_world(3)
     with pytest.raises(ValueError, match="micro-batch must be divisible by world_size=3"):
         cfg.check_world(3)
+
+
+def test_expert_parallel_checkpoint_resumes_in_one_process(runs, corpus, tmp_path):
+    import shutil
+    ep = tiny(corpus, model={**TRAIN_PRESETS["tiny"]["model"], **V3_ROUTER}, grad_accum=2, alpha1=0.003,
+              seq_aux_alpha=0.01, bias_update_speed=0.01, expert_parallel=True)
+    out = tmp_path / "ep2to1"
+    shutil.copytree(runs / "ep2" / "data", out / "data")  # the same tokenizer and shards
+    (out / "checkpoints").mkdir()
+    shutil.copy(runs / "ep2" / "checkpoints" / "ckpt-0000005.pt", out / "checkpoints")
+    train(ep, out, resume=True, progress=False)
+    one = {r["step"]: r for r in read(runs / "ep1") if r["kind"] == "train"}
+    resumed = [r for r in read(out) if r["kind"] == "train"]
+    assert [r["step"] for r in resumed] == list(range(6, 11))
+    for r in resumed:
+        assert r["loss"] == pytest.approx(one[r["step"]]["loss"], abs=1e-5, rel=0), r["step"]
+        assert r["grad_norm"] == pytest.approx(one[r["step"]]["grad_norm"], rel=1e-4), r["step"]
