@@ -91,6 +91,10 @@ def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="grad_accum=3") as e:
         train_preset("tiny", batch_size=8, grad_accum=3)
     assert e.value.field == "grad_accum"
+    for field, value in (("steps", "10"), ("lr", float("nan")), ("sft", 1), ("capacity_factor", "1")):
+        with pytest.raises(ValueError, match=f"train config {field}=.* is invalid") as e:
+            train_preset("tiny", **{field: value})
+        assert e.value.field == field
     with pytest.raises(ValueError, match="unknown train preset 'huge'"):
         train_preset("huge")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from ..validation import check
+from ..validation import check, is_int, is_number
 
 SCHEDULES = ("step", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -66,6 +66,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        for f in dataclasses.fields(self):  # types first (a JSON config can hold anything), then ranges
+            v = getattr(self, f.name)
+            kind = {"int": (is_int, "an integer"), "float": (is_number, "a finite number"),
+                    "float | None": (lambda x: x is None or is_number(x), "a finite number or null"),
+                    "bool": (lambda x: isinstance(x, bool), "true or false")}.get(f.type)
+            if kind is not None:
+                check(kind[0](v), f.name, v, f"must be {kind[1]}", owner="train config ")
         checks = [
             ("steps", self.steps >= 1, "must be >= 1"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
