@@ -64,7 +64,7 @@ class Router(nn.Module):
         """Keep the experts of the `keep` best of G groups, a group scored by the sum of its top per_group."""
         N, E = choice_NE.shape
         by_group = choice_NE.view(N, G, E // G)  # (N, G, E/G)
-        group_NG = by_group.topk(per_group, dim=-1).values.sum(-1)
+        group_NG = by_group.amax(-1) if per_group == 1 else by_group.topk(per_group, dim=-1).values.sum(-1)
         # V2's reference fills with 0 (softmax scores are > 0); biased scores may be negative
         fill = 0.0 if self.method == "group_limited_greedy" else float("-inf")
         keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
