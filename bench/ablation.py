@@ -37,7 +37,7 @@ from openseek.model.moe import MoE
 from openseek.summary import CACHE_DTYPE_BYTES
 from openseek.train.config import TRAIN_PRESETS, TrainConfig, train_preset
 from openseek.train.data import TokenLoader
-from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_at, train_step
+from openseek.train.step import build_optimizer, build_recipe, init_weights, lr_at, train_step
 from openseek.train.run import Prepared, prepare_data, validation
 
 TABLES = {"attention": "attention (dense SwiGLU FFN)", "ffn": "FFN (MLA attention)"}

@@ -58,7 +58,7 @@ def step_timing(cfg, repeats: int, dtype: torch.dtype) -> tuple[float, float, fl
     from transformers import AutoModelForCausalLM
 
     import openseek
-    from openseek.train.loop import init_weights, lm_loss
+    from openseek.train.step import init_weights, lm_loss
 
     mcfg = cfg.model_config()
     mcfg.bos_token_id, mcfg.eos_token_id = cfg.vocab_size - 2, cfg.vocab_size - 1

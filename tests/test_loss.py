@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import openseek
 from openseek.train.config import train_preset
-from openseek.train.loop import init_weights, lm_loss
+from openseek.train.step import init_weights, lm_loss
 from openseek.train.loss import IGNORE_INDEX, linear_cross_entropy
 
 

@@ -292,3 +292,48 @@ def test_install_rejects_devices_not_dividing_experts_and_bias_without_router_bi
     with pytest.raises(ValueError, match="bias_update_speed"):
         MoERecipe(bias_update_speed=0.001).install(moe)
     assert moe.route_hook is None
+
+
+def naive_device_limited_ids(choice: list[list[float]], K: int, G: int, limit: int, per_group: int) -> list[set]:
+    """Per token: score each device by the sum of its top per_group choice scores, keep the best `limit` devices,
+    then the top K experts among theirs."""
+    out = []
+    for row in choice:
+        size = len(row) // G
+        score = [sum(sorted(row[g * size:(g + 1) * size], reverse=True)[:per_group]) for g in range(G)]
+        kept = sorted(range(G), key=lambda g: -score[g])[:limit]
+        experts = [e for g in kept for e in range(g * size, (g + 1) * size)]
+        out.append(set(sorted(experts, key=lambda e: -row[e])[:K]))
+    return out
+
+
+@pytest.mark.parametrize("router_kw, limit, per_group", [
+    (dict(), 2, 1),  # V2 softmax greedy: a device scores its best expert
+    (dict(scoring_func="sigmoid", topk_method="noaux_tc"), 1, 4),  # V3: its top K/limit biased scores
+])
+def test_recipe_limits_routing_to_device_limit_devices_and_remove_lifts_it(router_kw, limit, per_group):
+    nE, nK, nG = 16, 4, 4
+    moe = MoE(tiny_cfg(n_routed_experts=nE, num_experts_per_tok=nK, **router_kw))
+    torch.manual_seed(0)
+    torch.nn.init.normal_(moe.gate.weight)
+    if moe.gate.bias is not None:
+        moe.gate.bias.normal_(0, 0.5)
+    x = torch.randn(256, 8)
+    devices = lambda ids: [{i // (nE // nG) for i in row} for row in ids.tolist()]  # noqa: E731
+    free = devices(moe.gate(x)[1])
+    assert max(len(d) for d in free) > limit  # unlimited routing crosses the limit, so the check can fail
+    recipe = MoERecipe(n_devices=nG, device_limit=limit)
+    recipe.install(moe)
+    _, ids, scores = moe.gate(x)
+    choice = scores + (moe.gate.bias if moe.gate.bias is not None else 0)
+    assert [set(r) for r in ids.tolist()] == naive_device_limited_ids(choice.tolist(), nK, nG, limit, per_group)
+    assert max(len(d) for d in devices(ids)) <= limit
+    recipe.remove(moe)
+    assert devices(moe.gate(x)[1]) == free
+
+
+def test_install_rejects_a_device_limit_holding_fewer_than_k_experts():
+    moe = MoE(tiny_cfg(num_experts_per_tok=4))  # 8 experts on 4 devices: 2 per device
+    with pytest.raises(ValueError, match="device_limit=1 is invalid") as e:
+        MoERecipe(n_devices=4, device_limit=1).install(moe)
+    assert e.value.field == "device_limit"

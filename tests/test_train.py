@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from openseek.train.config import train_preset
-from openseek.train.loop import build_optimizer, build_recipe, init_weights, lr_at, train_step
+from openseek.train.step import build_optimizer, build_recipe, init_weights, lr_at, train_step
 from openseek.train.run import train, train_device
 from openseek.model import Transformer
 
@@ -88,8 +88,13 @@ def test_export_loads_in_transformers_with_identical_logits(corpus, tmp_path):
 
 
 def test_bad_train_config_names_the_field():
-    with pytest.raises(ValueError, match="grad_accum=3"):
+    with pytest.raises(ValueError, match="grad_accum=3") as e:
         train_preset("tiny", batch_size=8, grad_accum=3)
+    assert e.value.field == "grad_accum"
+    for field, value in (("steps", "10"), ("lr", float("nan")), ("sft", 1), ("capacity_factor", "1")):
+        with pytest.raises(ValueError, match=f"train config {field}=.* is invalid") as e:
+            train_preset("tiny", **{field: value})
+        assert e.value.field == field
     with pytest.raises(ValueError, match="unknown train preset 'huge'"):
         train_preset("huge")
 
@@ -130,3 +135,16 @@ def test_train_on_cuda_without_a_gpu_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="no CUDA device"):
         train(train_preset("tiny", device="cuda"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_v3_model_trains_device_limited_with_bias_updates_and_exports_its_own_config(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from openseek.train.config import TRAIN_PRESETS
+    v3 = {**TRAIN_PRESETS["tiny"]["model"], "model_type": "deepseek_v3", "scoring_func": "sigmoid",
+          "topk_method": "noaux_tc"}
+    path = train(tiny(corpus, steps=3, model=v3, n_devices=2, device_limit=1, bias_update_speed=0.01), tmp_path / "v3",
+                 progress=False)
+    exported = json.loads((path / "config.json").read_text())
+    assert (exported["topk_method"], exported["n_group"], exported["topk_group"]) == ("noaux_tc", 1, 1)
+    assert (load_file(path / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"] != 0).any()

@@ -26,17 +26,27 @@ class Router(nn.Module):
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.method, self.scoring = cfg.topk_method, cfg.scoring_func
         self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.n_devices, self.device_limit = 1, 1  # set by limit_devices(), from outside: not the architecture
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
         # V3's e_score_correction_bias: moved by the load-balancing rule, not by gradients.
         self.register_buffer("bias", torch.zeros(E) if self.method == "noaux_tc" else None)
+
+    def limit_devices(self, n_devices: int, device_limit: int) -> None:
+        """Route each token to experts on at most device_limit of n_devices contiguous expert blocks (training's
+        device-/node-limited routing, V2 §2.2.2, V3 §2.1.2); limit_devices(1, 1) lifts the limit."""
+        self.n_devices, self.device_limit = n_devices, device_limit
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> gate weights (N, K) float32, expert ids (N, K), full scores (N, E) float32."""
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores_NE = logits_NE.softmax(-1) if self.scoring == "softmax" else logits_NE.sigmoid()
         choice_NE = scores_NE if self.bias is None else scores_NE + self.bias.float()
-        if self.method != "greedy" and self.n_group > 1:
-            choice_NE = self._limit_groups(choice_NE)
+        if self.method != "greedy" and self.n_group > 1:  # as HF's V3, noaux_tc groups score their top 2
+            choice_NE = self._limit_groups(choice_NE, self.n_group, self.topk_group,
+                                           2 if self.method == "noaux_tc" else 1)
+        if self.device_limit < self.n_devices:  # V3's node limit: a node scores its top K/limit; V2's its best
+            choice_NE = self._limit_groups(choice_NE, self.n_devices, self.device_limit,
+                                           max(1, self.top_k // self.device_limit) if self.bias is not None else 1)
         ids_NK = choice_NE.topk(self.top_k, dim=-1).indices
         weights_NK = scores_NE.gather(1, ids_NK)  # the unbiased scores weight the experts
         if self.scoring == "sigmoid":  # V3: optional renormalisation, then always scaled
@@ -49,19 +59,16 @@ class Router(nn.Module):
             weights_NK = weights_NK * self.scaling
         return weights_NK, ids_NK, scores_NE
 
-    def _limit_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
-        """Keep the experts of the topk_group best groups (device-/node-limited routing)."""
+    def _limit_groups(self, choice_NE: torch.Tensor, G: int, keep: int, per_group: int) -> torch.Tensor:
+        """Keep the experts of the `keep` best of G groups, a group scored by the sum of its top per_group."""
         N, E = choice_NE.shape
-        choice_NGe = choice_NE.view(N, self.n_group, E // self.n_group)
-        if self.method == "group_limited_greedy":  # V2: a group scores its best expert
-            group_NG = choice_NGe.amax(-1)
-            fill = 0.0  # as the reference; scores are softmax probabilities, so > 0
-        else:  # noaux_tc (V3): a group scores the sum of its top-2 biased scores
-            group_NG = choice_NGe.topk(2, dim=-1).values.sum(-1)
-            fill = float("-inf")  # biased scores may be negative
+        by_group = choice_NE.view(N, G, E // G)  # (N, G, E/G)
+        group_NG = by_group.amax(-1) if per_group == 1 else by_group.topk(per_group, dim=-1).values.sum(-1)
+        # V2's reference fills with 0 (softmax scores are > 0); biased scores may be negative
+        fill = 0.0 if self.method == "group_limited_greedy" else float("-inf")
         keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
-        keep_NG.scatter_(1, group_NG.topk(self.topk_group, dim=-1).indices, True)
-        return choice_NGe.masked_fill(~keep_NG[..., None], fill).view(N, E)
+        keep_NG.scatter_(1, group_NG.topk(keep, dim=-1).indices, True)
+        return by_group.masked_fill(~keep_NG[..., None], fill).view(N, E)
 
 
 class Experts(nn.Module):

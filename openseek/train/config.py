@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
+from ..validation import check, is_int, is_number
 
 SCHEDULES = ("step", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -44,7 +45,7 @@ class TrainConfig:
     dtype: str = "float32"  # autocast dtype for the forward
     device: str = "auto"  # auto: cuda when a GPU is available (one per rank under torchrun), else cpu
     seed: int = 0
-    # the MoE recipe (balance losses, device-limited routing via the router's groups, dropping, V3 options)
+    # the MoE recipe (balance losses, device-limited routing set on the routers from outside, dropping, V3 options)
     alpha1: float = 0.003
     alpha2: float = 0.0
     alpha3: float = 0.0
@@ -65,6 +66,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        for f in dataclasses.fields(self):  # types first (a JSON config can hold anything), then ranges
+            v = getattr(self, f.name)
+            kind = {"int": (is_int, "an integer"), "float": (is_number, "a finite number"),
+                    "float | None": (lambda x: x is None or is_number(x), "a finite number or null"),
+                    "bool": (lambda x: isinstance(x, bool), "true or false")}.get(f.type)
+            if kind is not None:
+                check(kind[0](v), f.name, v, f"must be {kind[1]}", owner="train config ")
         checks = [
             ("steps", self.steps >= 1, "must be >= 1"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
@@ -77,38 +85,34 @@ class TrainConfig:
             ("clip", self.clip > 0, "must be > 0"), ("keep_last", self.keep_last >= 1, "must be >= 1"),
             ("val_fraction", 0 < self.val_fraction < 1, "must lie in (0, 1)"),
             ("device_limit", 1 <= self.device_limit <= self.n_devices, "must lie in [1, n_devices]"),
+            ("init", not (self.sft and self.init is None), "sft=True needs init: the model folder to fine-tune"),
+            ("model", not (self.init is not None and self.model),
+             "init brings its own architecture; leave model empty"),
         ]
-        if self.sft and self.init is None:
-            raise ValueError("train config sft=True needs init: the model folder to fine-tune")
-        if self.init is not None and self.model:
-            raise ValueError(f"train config init={self.init!r} brings its own architecture; leave model empty")
         for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"train config {name}={getattr(self, name)!r} is invalid: {allowed}")
+            check(ok, name, getattr(self, name), allowed, owner="train config ")
 
     def check_world(self, world_size: int) -> None:
-        """Raise ValueError unless the batch (and with expert_parallel the experts) split over world_size ranks."""
+        """Raise FieldError unless the batch (and with expert_parallel the experts) split over world_size ranks."""
         micro = self.batch_size // self.grad_accum
-        if micro % world_size:
-            raise ValueError(f"batch_size={self.batch_size} / grad_accum={self.grad_accum} = {micro} sequences per "
-                             f"micro-batch must be divisible by world_size={world_size}")
+        check(micro % world_size == 0, "batch_size", self.batch_size,
+              f"batch_size / grad_accum={self.grad_accum} = {micro} sequences per micro-batch must be divisible by "
+              f"world_size={world_size}", owner="train config ")
         if self.expert_parallel:
             E = self.model_config().n_routed_experts
-            if not E:
-                raise ValueError("expert_parallel=True needs a MoE model; n_routed_experts is null (all layers dense)")
-            if E % world_size:
-                raise ValueError(f"expert_parallel=True: world_size={world_size} must divide n_routed_experts={E}")
+            check(bool(E), "expert_parallel", True, "needs a MoE model; n_routed_experts is null (all layers dense)",
+                  owner="train config ")
+            check(E % world_size == 0, "expert_parallel", True,
+                  f"world_size={world_size} must divide n_routed_experts={E}", owner="train config ")
 
     def model_config(self) -> ModelConfig:
-        """The architecture (init's, or model with the tokenizer's vocabulary and the run's device groups as
-        router groups)."""
+        """The architecture: init's, or model with the tokenizer's vocabulary (the recipe limits routing from
+        outside, so this is exactly what is exported)."""
         if self.init is not None:
             return ModelConfig.from_file(self.init)
         m = dict(self.model)
         m["vocab_size"] = self.vocab_size
         m.setdefault("max_position_embeddings", max(4096, self.seq_len))
-        if self.n_devices > 1 and m.get("n_routed_experts"):  # device-limited routing = the V2 group limit
-            m.update(topk_method="group_limited_greedy", n_group=self.n_devices, topk_group=self.device_limit)
         return ModelConfig(**m)
 
     def to_dict(self) -> dict[str, Any]:

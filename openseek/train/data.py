@@ -283,8 +283,9 @@ def _windows(dataset: PackedDataset, starts: list[int], seq_len: int) -> tuple[t
 
 class TokenLoader:
     """Endless (input_ids, targets) batches: non-overlapping windows of S+1 tokens in a seeded order, a new
-    permutation of all windows each epoch (of a PackedDataset, or the packed rows of an sft.ChatDataset). batch_size is the global batch; rank r of world_size gets the
-    contiguous rows [r*b, (r+1)*b), b = batch_size // world_size, so the ranks together see one process's batch."""
+    permutation of all windows each epoch (of a PackedDataset, or the packed rows of an sft.ChatDataset).
+    batch_size is the global batch; rank r of world_size gets the contiguous rows [r*b, (r+1)*b),
+    b = batch_size // world_size, so the ranks together see one process's batch."""
 
     def __init__(self, dataset, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1):

@@ -1,6 +1,6 @@
 """The LM loss fused with the output head: cross-entropy of h @ W^T without the (N, V) logits.
 
-Shapes: N tokens, D model dim, V vocabulary, c tokens per chunk.
+Shapes: N tokens (in `_forward`, the `_chunk` names hold a chunk's rows of them), D model dim, V vocabulary.
 
 Chunks of tokens compute their logits, loss and gradients in the forward pass (as Liger Kernel's fused linear
 cross-entropy does), so the full logits, their float32 copy, log-softmax and its gradient are never written out:
@@ -48,21 +48,19 @@ def _forward(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, wi
     total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     grad_h = torch.empty_like(h_ND) if with_grads else None
     grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if with_grads else None
-    # Liger's rule: ceil(V / D) chunks, so a chunk's logits are about as big as h, and each chunk reads all of
-    # W once for as many tokens as that allows (4096 x 256 -> 4096: 16 chunks of 256 tokens, 4 MB of float32
-    # logits that stay in cache: 2x or 4x larger chunks ran 1.5-2x slower on 2 cores)
+    # Liger's rule: ceil(V / D) chunks, so a chunk's logits are about as big as h and stay in cache
     chunk = -(-N // -(-V // h_ND.shape[1]))
     for s in range(0, N, chunk):
-        h_cD, t_c, valid_c = h_ND[s:s + chunk], targets_N[s:s + chunk], valid_N[s:s + chunk]
-        t_c = t_c.masked_fill(~valid_c, 0)
-        logp_cV = torch.log_softmax(F.linear(h_cD, w_VD), -1, dtype=torch.float32)  # one pass, cast included
-        total -= (logp_cV.gather(1, t_c[:, None])[:, 0] * valid_c).sum()
+        h_chunk, t_chunk, valid_chunk = h_ND[s:s + chunk], targets_N[s:s + chunk], valid_N[s:s + chunk]
+        t_chunk = t_chunk.masked_fill(~valid_chunk, 0)
+        logp_chunk = torch.log_softmax(F.linear(h_chunk, w_VD), -1, dtype=torch.float32)  # one pass, cast included
+        total -= (logp_chunk.gather(1, t_chunk[:, None])[:, 0] * valid_chunk).sum()
         if with_grads:  # d loss / d logits = (softmax - one_hot(target)) / n_valid, zero for ignored rows
-            g_cV = logp_cV.exp_()
-            g_cV.scatter_add_(1, t_c[:, None], g_cV.new_full((len(t_c), 1), -1.0))
-            g_cV = g_cV.to(h_ND.dtype)  # unscaled: the scale and the ignored rows apply to the (., D) results
-            torch.mm(g_cV, w_VD, out=grad_h[s:s + chunk])
-            grad_w += torch.mm(g_cV.T, h_cD * valid_c[:, None])
+            g_chunk = logp_chunk.exp_()
+            g_chunk.scatter_add_(1, t_chunk[:, None], g_chunk.new_full((len(t_chunk), 1), -1.0))
+            g_chunk = g_chunk.to(h_ND.dtype)  # unscaled: the scale and the ignored rows apply to the (., D) results
+            torch.mm(g_chunk, w_VD, out=grad_h[s:s + chunk])
+            grad_w += torch.mm(g_chunk.T, h_chunk * valid_chunk[:, None])
     if with_grads:
         inv_n = 1 / n_valid.clamp(min=1)
         grad_h.mul_((valid_N * inv_n)[:, None])

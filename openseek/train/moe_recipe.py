@@ -2,7 +2,7 @@
 
 DeepSeek-V2 §2.2.3-§2.2.4 (expert-, device- and communication-level balance losses, device-level token dropping)
 and DeepSeek-V3 §2.1.2 (auxiliary-loss-free bias update, sequence-wise balance loss). Installed as the `route_hook`
-of every `MoE` layer, so the model stays training-agnostic.
+and the device limit of every `MoE` layer, so the model and its config stay training-agnostic.
 
 Shapes: B sequences, S tokens per sequence (the papers' T), N = B*S tokens, E routed experts (N_r), K experts per
 token (K_r), G device groups (the papers' D; experts of device d are the contiguous block d*E/G ... (d+1)*E/G - 1,
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import MoE
+from ..validation import check, is_int, is_number
 
 LOSS_NAMES = ("expert_balance", "device_balance", "comm_balance", "seq_balance")
 
@@ -39,7 +40,7 @@ class MoERecipe:
     alpha2: float = 0.0
     alpha3: float = 0.0
     n_devices: int = 1
-    device_limit: int = 1  # M: informational, the router's topk_group enforces it; scales the comm loss
+    device_limit: int = 1  # the papers' M: install() limits each router to this many devices
     capacity_factor: float | None = None  # None: never drop
     drop_exempt_fraction: float = 0.1
     seq_aux_alpha: float = 0.0
@@ -51,38 +52,41 @@ class MoERecipe:
     def __post_init__(self) -> None:
         for name in ("alpha1", "alpha2", "alpha3", "seq_aux_alpha", "bias_update_speed"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}={v!r}: must be a finite number >= 0")
-        if not isinstance(self.n_devices, int) or self.n_devices < 1:
-            raise ValueError(f"n_devices={self.n_devices!r}: must be an integer >= 1")
-        if not isinstance(self.device_limit, int) or not 1 <= self.device_limit <= self.n_devices:
-            raise ValueError(f"device_limit={self.device_limit!r}: must be an integer in [1, n_devices={self.n_devices}]")
-        if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
-            raise ValueError(f"capacity_factor={self.capacity_factor!r}: must be > 0, or None to never drop")
-        if not 0.0 <= self.drop_exempt_fraction <= 1.0:
-            raise ValueError(f"drop_exempt_fraction={self.drop_exempt_fraction!r}: must lie in [0, 1]")
+            check(is_number(v) and v >= 0, name, v, "must be a finite number >= 0")
+        check(is_int(self.n_devices) and self.n_devices >= 1, "n_devices", self.n_devices, "must be an integer >= 1")
+        check(is_int(self.device_limit) and 1 <= self.device_limit <= self.n_devices, "device_limit",
+              self.device_limit, f"must be an integer in [1, n_devices={self.n_devices}]")
+        cf = self.capacity_factor
+        check(cf is None or (is_number(cf) and cf > 0), "capacity_factor", cf, "must be > 0, or None to never drop")
+        check(is_number(self.drop_exempt_fraction) and 0.0 <= self.drop_exempt_fraction <= 1.0,
+              "drop_exempt_fraction", self.drop_exempt_fraction, "must lie in [0, 1]")
 
     # ---- wiring ------------------------------------------------------------------------------------------------
 
     def install(self, model: nn.Module) -> None:
-        """Set this recipe as the route_hook of every MoE layer of `model`."""
+        """Set this recipe as the route_hook of every MoE layer of `model` and limit its routers to device_limit
+        of the n_devices expert blocks."""
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
         for name, moe in layers:
-            E = moe.gate.weight.shape[0]
-            if E % self.n_devices:
-                raise ValueError(f"n_devices={self.n_devices}: must divide n_routed_experts={E} (layer {name})")
-            if self.bias_update_speed > 0 and moe.gate.bias is None:
-                raise ValueError(f"bias_update_speed={self.bias_update_speed}: needs routers with a selection bias "
-                                 f"(topk_method 'noaux_tc'); layer {name} has none")
+            E, K = moe.gate.weight.shape[0], moe.gate.top_k
+            check(E % self.n_devices == 0, "n_devices", self.n_devices,
+                  f"must divide n_routed_experts={E} (layer {name})")
+            check(self.device_limit * (E // self.n_devices) >= K, "device_limit", self.device_limit,
+                  f"the kept devices must hold >= num_experts_per_tok={K} experts (layer {name})")
+            check(self.bias_update_speed == 0 or moe.gate.bias is not None, "bias_update_speed",
+                  self.bias_update_speed, f"needs routers with a selection bias (topk_method 'noaux_tc'); "
+                  f"layer {name} has none")
         for name, moe in layers:
             moe.route_hook = self._hook
+            moe.gate.limit_devices(self.n_devices, self.device_limit)
             self._names[id(moe)] = name
 
     def remove(self, model: nn.Module) -> None:
-        """Unset the route_hook this recipe installed on `model`'s MoE layers."""
+        """Unset the route_hook and device limit this recipe installed on `model`'s MoE layers."""
         for m in model.modules():
             if isinstance(m, MoE) and id(m) in self._names:
                 m.route_hook = None
+                m.gate.limit_devices(1, 1)
                 name = self._names.pop(id(m))
                 self._records.pop(name, None)
                 self._bias_load.pop(name, None)
@@ -165,7 +169,7 @@ class MoERecipe:
     def _losses(self, scores_BSE: torch.Tensor, ids_BSK: torch.Tensor) -> dict[str, torch.Tensor]:
         """The papers' losses, with T = one sequence (V2 §2.2.3, V3 eq. 17-20), averaged over the B sequences."""
         B, S, E = scores_BSE.shape
-        K, G, M = ids_BSK.shape[-1], self.n_devices, self.device_limit
+        K, G = ids_BSK.shape[-1], self.n_devices
         # f_i: selection frequency (indicators, no gradient); P_i: mean affinity (gradient into the router)
         chosen_BSE = F.one_hot(ids_BSK, E).sum(2).float()  # (B, S, E), 1 where token t selects expert i
         f_BE = chosen_BSE.sum(1) * E / (K * S)  # (B, E)
@@ -180,7 +184,7 @@ class MoERecipe:
                 out["device_balance"] = self.alpha2 * (f_BG * P_BG).sum(-1).mean()
             if self.alpha3 > 0:
                 sent_BSG = chosen_BSE.view(B, S, G, E // G).amax(-1)  # (B, S, G), 1 if token t reaches device d
-                f_BG = sent_BSG.sum(1) * G / (M * S)  # f''_d
+                f_BG = sent_BSG.sum(1) * G / (self.device_limit * S)  # f''_d, the papers' M = device_limit
                 out["comm_balance"] = self.alpha3 * (f_BG * P_BG).sum(-1).mean()
         if self.seq_aux_alpha > 0:
             s_BSE = scores_BSE / scores_BSE.sum(-1, keepdim=True)  # s': normalised over all experts

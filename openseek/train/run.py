@@ -12,10 +12,10 @@ import torch
 from ..model import Transformer, load_pretrained
 from ..summary import count_parameters
 from ..tokenizer import Tokenizer
-from . import bpe, data, distributed, sft
+from . import bpe, checkpoint, data, distributed, sft
 from .config import TrainConfig
-from .loop import (MetricsLog, build_optimizer, build_recipe, evaluate, export, init_weights, latest_checkpoint,
-                   lr_at, measure_peak_flops, rng_state, save_checkpoint, set_rng_state, throughput, train_step)
+from .metrics import MetricsLog, measure_peak_flops, train_record
+from .step import build_optimizer, build_recipe, evaluate, init_weights, lr_at, train_step
 
 
 @dataclass(slots=True)
@@ -72,87 +72,73 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int 
     """Run (or continue) training; returns the exported model folder when the last step is reached.
 
     Under torchrun every rank runs this (distributed.py); rank 0 alone writes metrics, checkpoints and the export."""
-    world = distributed.setup()
+    device = train_device(cfg.device)  # before any work: a bad device fails at once
+    world = distributed.setup(device.type)
     try:
         cfg.check_world(world.size)
-        return _train(cfg, Path(out), resume, stop_at, progress and world.is_main, world)
+        return _train(cfg, Path(out), device, resume, stop_at, progress and world.is_main, world)
     finally:
         distributed.teardown(world)
 
 
 def train_device(name: str) -> torch.device:
-    """The device a run trains on: cuda is this rank's GPU (distributed.setup picks it under torchrun)."""
+    """The device a run trains on: cuda is the current GPU (under torchrun, this rank's: distributed.setup sets it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("train config device='cuda': no CUDA device is available; use device='cpu'")
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda")
     return torch.device("cpu")
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, progress: bool,
+def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop_at: int | None, progress: bool,
            world: distributed.World) -> Path | None:
-    device = train_device(cfg.device)  # before any work: a bad device fails at once
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
-    model = _build_model(cfg, prepared.train_bos_eos, world).to(device).train()
+    model = _build_model(cfg, prepared.train_bos_eos).to(device).train()
+    if cfg.expert_parallel:
+        distributed.shard_experts(model, world)
     recipe = build_recipe(cfg)
     recipe.install(model)
     opt = build_optimizer(model, cfg)
     loader = data.TokenLoader(prepared.train, cfg.batch_size, cfg.seq_len, cfg.seed, world.rank, world.size)
-    step = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise ValueError(f"--resume: no checkpoint in {out}/checkpoints")
-    if ckpt is not None:
-        step = _restore(ckpt, cfg, model, opt, loader, world)
+    step = checkpoint.restore(out, cfg, model, opt, loader) if resume else 0
     if world.is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(out / "metrics.jsonl", step) if world.is_main else None
+    log = MetricsLog(out / "metrics.jsonl", step, enabled=world.is_main)
     dtype = getattr(torch, cfg.dtype)
-    counts = count_parameters(model.config)
-    flops_per_token = 6 * counts.activated_excl_embedding
+    flops_per_token = 6 * count_parameters(model.config).activated_excl_embedding
     peak = measure_peak_flops(dtype, model.device) * world.size if world.is_main else 0.0
-    sync = distributed.GradSync(model, recipe, world) if world.size > 1 else None
+    parallel = distributed.DataParallel(model, recipe, world, dtype) if world.size > 1 else None  # 1 rank: none
+    micro = cfg.batch_size // cfg.grad_accum // world.size
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     bar = _progress(progress, step, cfg.steps)
-    micro = cfg.batch_size // cfg.grad_accum // world.size
     while step < end:
         t0 = time.perf_counter()
         x, y = next(loader)
-        batches = list(zip(x.split(micro), y.split(micro)))
         lr = lr_at(cfg, step)
-        res = train_step(model, opt, recipe, batches, cfg, lr, dtype, all_reduce=sync,
-                         clip_grad_norm=sync.clip_grad_norm if sync else None)
+        res = train_step(model, opt, recipe, list(zip(x.split(micro), y.split(micro))), cfg, lr, dtype, parallel)
         res = distributed.mean_step_result(res, world)
         step += 1
-        rec = {"kind": "train", "step": step, "loss": res.loss, "aux": res.aux, "grad_norm": res.grad_norm,
-               "lr": lr, **throughput(res.tokens, time.perf_counter() - t0, flops_per_token, peak),
-               "moe": [{"layer": int(name.split(".")[1]), **_rename(s)} for name, s in recipe.stats().items()]}
-        if log is not None and (step % cfg.log_every == 0 or step == end):
-            log.write(rec)
+        if step % cfg.log_every == 0 or step == end:
+            log.write(train_record(step, res, lr, time.perf_counter() - t0, flops_per_token, peak, recipe))
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = validation(model, cfg, prepared.val, dtype, world)
-            if log is not None:
-                log.write({"kind": "val", "step": step, **val})
+            log.write({"kind": "val", "step": step, **validation(model, cfg, prepared.val, dtype, world)})
         if step % cfg.save_every == 0 or step == end:
-            _save(out, step, cfg, model, opt, loader, world)
+            checkpoint.save(out, step, cfg, model, opt, loader, world)
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
     bar.close()
     recipe.remove(model)
-    path = None
-    if step >= cfg.steps:
-        full = distributed.gathered_model(model, world)
-        path = export(full, prepared.tokenizer_dir, out) if world.is_main else out / "model"
+    path = checkpoint.export(model, prepared.tokenizer_dir, out, world) if step >= cfg.steps else None
     distributed.barrier(world)  # every rank returns once rank 0's checkpoint and export are written
     return path
 
 
-def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int], world: distributed.World) -> Transformer:
-    """The initial model on the CPU: --init's weights, or a fresh one; its routed experts sharded for EP."""
+def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int]) -> Transformer:
+    """The initial model on the CPU: --init's weights, or a fresh one."""
     if cfg.init is not None:
         model = load_pretrained(cfg.init, dtype=torch.float32)
     else:
@@ -160,37 +146,7 @@ def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int], world: distributed.
         mcfg.bos_token_id, mcfg.eos_token_id = bos_eos
         model = Transformer(mcfg)
         init_weights(model, cfg.init_std, cfg.seed)  # the same seed: the same replica on every rank
-    if cfg.expert_parallel:
-        distributed.shard_experts(model, world)
     return model
-
-
-def _restore(ckpt: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
-             loader: data.TokenLoader, world: distributed.World) -> int:
-    """Load a checkpoint into model, optimizer, loader and RNGs; -> its step."""
-    state = torch.load(ckpt, weights_only=False, map_location="cpu")  # loading copies to the model's device
-    if state["config"] != cfg.to_dict():
-        raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
-    distributed.load_full_state_dict(model, state["model"], world)
-    distributed.load_full_optimizer_state(opt, model, state["optimizer"], world)
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    return state["step"]
-
-
-def _save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
-          loader: data.TokenLoader, world: distributed.World) -> None:
-    """A checkpoint in the single-device layout, gathered on rank 0 (every rank takes part in the gather)."""
-    state = {"step": step, "config": cfg.to_dict(), "model": distributed.full_state_dict(model, world),
-             "optimizer": distributed.full_optimizer_state(opt, model, world),
-             "loader": loader.state_dict(), "rng": rng_state()}
-    if world.is_main:
-        save_checkpoint(out, step, state, cfg.keep_last)
-
-
-def _rename(s: dict) -> dict:
-    return {"max_over_mean": s["load_max_over_mean"], "cv": s["load_cv"], "dead": s["dead_experts"],
-            "dropped": s["dropped_fraction"]}
 
 
 def _progress(enabled: bool, initial: int, total: int):
