@@ -89,7 +89,7 @@ class LLMEngine:
 
     def update_weights(self) -> None:
         """Renew what derives from the model's weights after a trainer changed them in place (no request running)."""
-        # Once the model keeps derived weights (MLA's absorbed W_UK, W_UV), model.absorb_weights() belongs here.
+        self.model.absorb_weights()  # MLA's W_UK and W_UV^T are copies of wkv_b
         self.reset_prefix_cache()  # cached latents were computed with the old weights
 
     def reset_prefix_cache(self) -> None:
