@@ -14,7 +14,6 @@ from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
 from .ops import TRAINING, Kernels
-from .ops import autocast_dtype  # noqa: F401  (train/loss.py imports it from here; it belongs to ops now)
 
 
 class Linear(nn.Linear):

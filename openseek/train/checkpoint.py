@@ -64,7 +64,6 @@ def export(model: Transformer, tokenizer_dir: Path, out: Path, world: distribute
     full = distributed.gathered_model(model)
     if not world.is_main:
         return path
-    full.config.torch_dtype = "float32"
     save_pretrained(full, path)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.layers import autocast_dtype
+from ..model.ops import autocast_dtype
 
 IGNORE_INDEX = -100  # F.cross_entropy's default
 
