@@ -93,8 +93,8 @@ class GQA(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: object = None,
-                cache: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal self-attention over x (B, S, D) at positions 0 .. S-1."""
+                cache: torch.Tensor | None = None, kernels: object = None) -> torch.Tensor:
+        """Causal self-attention over x (B, S, D) at positions 0 .. S-1 (its own nn.Linear and SDPA: no kernels)."""
         if batch is not None or cache is not None:
             raise ValueError("this GQA is for training: it has no paged-cache path")
         S = x.shape[1]

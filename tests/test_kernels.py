@@ -1,5 +1,5 @@
-"""The kernel set a forward runs is the one its entry point picks: the paged forward its batch's, the dense forward
-TRAINING's, on one model at once, with no state left behind."""
+"""The kernel set a forward runs is the one its entry point is given: the paged forward INFERENCE's by default, the
+dense forward TRAINING's, on one model at once, with no state left behind."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def counting(kernels: Kernels, calls: Counter) -> Kernels:
     return Kernels(**{f.name: wrap(f.name, getattr(kernels, f.name)) for f in dataclasses.fields(Kernels)})
 
 
-def test_paged_forward_runs_its_batchs_kernels_and_the_dense_forward_does_not():
+def test_each_forward_runs_exactly_the_kernels_it_is_given():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                       num_hidden_layers=2, num_attention_heads=2, q_lora_rank=12, kv_lora_rank=16,
                       qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
@@ -37,11 +37,10 @@ def test_paged_forward_runs_its_batchs_kernels_and_the_dense_forward_does_not():
     ids = torch.randint(0, 64, (6,))
     calls: Counter = Counter()
     batch = ForwardBatch(positions=torch.arange(6), slot_mapping=torch.arange(6), block_tables=torch.tensor([[0, 1]]),
-                         context_lens=[6], query_lens=[6], num_decodes=0, block_size=4,
-                         kernels=counting(REFERENCE, calls))
+                         context_lens=[6], query_lens=[6], num_decodes=0, block_size=4)
     cache = torch.zeros(2, 8, cfg.kv_cache_dim)  # (layers, slots, C + R)
     with torch.inference_mode():
-        paged = model.hidden_states_paged(ids, batch, cache)  # (N, D)
+        paged = model.hidden_states_paged(ids, batch, cache, counting(REFERENCE, calls))  # (N, D)
     L = cfg.num_hidden_layers
     # per layer: wq_a, wq_b, wkv_a, wkv_b, wo, and the dense layer's FFN (3); norms: 2 + q_norm + kv_norm per layer
     assert calls == Counter(linear=5 * L + 3 + 3, rms_norm=4 * L + 1, attention=L, routed_experts=1)
@@ -51,5 +50,10 @@ def test_paged_forward_runs_its_batchs_kernels_and_the_dense_forward_does_not():
     dense.square().sum().backward()
     assert model.layers[1].ffn.experts.w1.grad.abs().sum() > 0
     with torch.inference_mode():
-        inference = model.hidden_states_paged(ids, dataclasses.replace(batch, kernels=INFERENCE), cache)
+        inference = model.hidden_states_paged(ids, batch, cache, INFERENCE)
     torch.testing.assert_close(inference, paged, atol=1e-5, rtol=1e-5)
+    calls.clear()
+    with torch.no_grad():  # scoring without autograd: the dense forward on the inference kernels
+        scored = model.hidden_states(ids[None], kernels=counting(INFERENCE, calls))[0]
+    assert calls == Counter(linear=5 * L + 3 + 3, rms_norm=4 * L + 1, attention=L, routed_experts=1)
+    torch.testing.assert_close(scored, paged, atol=1e-5, rtol=1e-5)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import INFERENCE, TRAINING, Kernels
-
 
 @dataclass(slots=True)
 class ForwardBatch:
@@ -22,7 +20,6 @@ class ForwardBatch:
     query_lens: list[int]  # (B,) new tokens of each sequence in this batch
     num_decodes: int  # the first num_decodes sequences have query_len 1 and are decoded together
     block_size: int
-    kernels: Kernels = INFERENCE  # the kernel set this forward runs (ops.py)
     # derived once per step, not once per layer: the decodes' cache rows padded to the longest context, and the
     # mask of the real ones (None when every context has the same length)
     decode_slots: torch.Tensor | None = None  # (num_decodes, T) int64
@@ -46,7 +43,3 @@ class ForwardBatch:
         """Cache rows of token positions t under block tables (..., P). -> (..., len(t))"""
         return tables[..., t // self.block_size] * self.block_size + t % self.block_size
 
-
-def kernels_of(batch: ForwardBatch | None) -> Kernels:
-    """The dense forward (no batch) runs the training kernels, a paged one those its batch names."""
-    return TRAINING if batch is None else batch.kernels

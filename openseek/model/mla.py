@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .batch import ForwardBatch, kernels_of
+from .batch import ForwardBatch
 from .layers import Linear, RMSNorm, apply_rope
 from .ops import TRAINING, Kernels
 
@@ -101,20 +101,19 @@ class MLA(nn.Module):
         return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, U)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
-                cache: torch.Tensor | None = None) -> torch.Tensor:
+                cache: torch.Tensor | None = None, kernels: Kernels = TRAINING) -> torch.Tensor:
         """Causal self-attention over x (B, S, D); with a batch, x is (1, N, D) packed over the paged cache."""
-        kernels = kernels_of(batch)
         q_nope, q_pe = self.project_q(x, freqs_cis, kernels)
         c_kv, k_pe = self.project_kv(x, freqs_cis, kernels)
         if batch is None:
             o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, kernels=kernels)
         else:
             cache.index_copy_(0, batch.slot_mapping, torch.cat((c_kv, k_pe), dim=-1)[0])  # cache: (slots, C + R)
-            o = self._attend_paged(q_nope[0], q_pe[0], cache, batch)[None]
+            o = self._attend_paged(q_nope[0], q_pe[0], cache, batch, kernels)[None]
         return self.wo(o.flatten(2), kernels)  # (B, S, D)
 
-    def _attend_paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
-                      batch: ForwardBatch) -> torch.Tensor:
+    def _attend_paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, batch: ForwardBatch,
+                      kernels: Kernels) -> torch.Tensor:
         """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, U)"""
         outs, nd = [], batch.num_decodes
         if nd:  # all decodes in one absorbed call, padded to the longest context
@@ -131,7 +130,7 @@ class MLA(nn.Module):
             else:
                 c_kv, k_pe = latents[None].split([self.kv_lora_rank, self.rope_dim], dim=-1)
                 o = self.attend_expanded(qn.transpose(0, 1), qp.transpose(0, 1), c_kv, k_pe,
-                                         None if S == T else mask, batch.kernels)[0]
+                                         None if S == T else mask, kernels)[0]
             outs.append(o)
             start += S
         return torch.cat(outs)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .batch import ForwardBatch, kernels_of
+from .batch import ForwardBatch
 from .layers import Linear, RMSNorm, Rotary, SwiGLU
 from .mla import MLA
 from .moe import MoE
@@ -26,10 +26,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
-                cache: torch.Tensor | None = None) -> torch.Tensor:
-        kernels = kernels_of(batch)
-        # no kernels argument: (x, freqs_cis, batch, cache) is the call modules swapped in for MLA take too
-        x = x + self.attn(self.attn_norm(x, kernels), freqs_cis, batch, cache)
+                cache: torch.Tensor | None = None, kernels: Kernels = TRAINING) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x, kernels), freqs_cis, batch, cache, kernels)
         return x + self.ffn(self.ffn_norm(x, kernels), kernels)
 
 
@@ -68,31 +66,35 @@ class Transformer(nn.Module):
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B, S, D) of a causal forward over input_ids (B, S)."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      kernels: Kernels = TRAINING) -> torch.Tensor:
+        """Final-normed hidden states (B, S, D) of a causal forward over input_ids (B, S); the training kernels
+        unless told otherwise (INFERENCE is faster without autograd, but runs on one device's weights only)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         freqs_cis = self.rotary(positions)  # (B, S, R/2) complex
         x = self.embed(input_ids)  # (B, S, D)
         for layer in self.layers:
-            x = layer(x, freqs_cis)
-        return self.norm(x, TRAINING)
+            x = layer(x, freqs_cis, kernels=kernels)
+        return self.norm(x, kernels)
 
-    def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+    def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor,
+                            kernels: Kernels = INFERENCE) -> torch.Tensor:
         """Hidden states (N, D) of N packed new tokens, reading and extending kv_cache (layers, slots, C + R)."""
         freqs_cis = self.rotary(batch.positions[None])  # (1, N, R/2) complex
         x = self.embed(input_ids)[None]  # (1, N, D)
         for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, freqs_cis, batch, cache)
-        return self.norm(x[0], batch.kernels)
+            x = layer(x, freqs_cis, batch, cache, kernels)
+        return self.norm(x[0], kernels)
 
     def logits(self, h: torch.Tensor, kernels: Kernels = INFERENCE) -> torch.Tensor:
         """Logits (..., V) of final hidden states (..., D); the engine samples from them, hence its kernels."""
         return self.head(h, kernels)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                kernels: Kernels = TRAINING) -> torch.Tensor:
         """Logits (B, S, V) for input_ids (B, S)."""
-        return self.logits(self.hidden_states(input_ids, positions), TRAINING)
+        return self.logits(self.hidden_states(input_ids, positions, kernels), kernels)
 
     def absorb_weights(self) -> None:
         """Build every MLA's absorbed W_UK / W_UV^T from its wkv_b (the paged path reads them); call again after
