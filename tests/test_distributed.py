@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor.parallel import parallelize_module
 
 from openseek.model.moe import Experts
 from openseek.train import distributed
@@ -65,7 +67,10 @@ def _check_rank_without_tokens() -> None:
     ref = Experts(4, 8, 6)
     for w in ref.parameters():
         w.data.normal_(std=0.3)
-    ep = distributed.ExpertParallel(ref, world.mesh)
+    ep = parallelize_module(copy.deepcopy(ref), world.mesh, distributed.ExpertParallel())
+    assert type(ep) is Experts and list(ep.state_dict()) == list(ref.state_dict())  # sharded in place, same names
+    with pytest.raises(ValueError, match="world_size=2 is invalid: must divide n_routed_experts=3"):
+        parallelize_module(Experts(3, 8, 6), world.mesh, distributed.ExpertParallel())
     g = torch.Generator().manual_seed(world.rank)  # different tokens on each rank
     x = torch.randn(5, 8, generator=g, requires_grad=True)
     weights, ids = torch.rand(5, 2, generator=g), torch.tensor([[0, 1]] * 5)

@@ -100,3 +100,14 @@ def test_stacked_dispatch_matches_naive_loop(tokens, kernels):
         for g_got, g_want in zip(torch.autograd.grad(got, params, upstream),
                                  torch.autograd.grad(want, params, upstream)):
             torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_experts_on_no_pairs_return_zero_rows_that_backpropagate_to_the_input():
+    # a rank that receives no pairs under expert parallelism must still join backward through its input
+    torch.manual_seed(0)
+    w1, w2, w3 = torch.randn(4, 6, 8), torch.randn(4, 8, 6), torch.randn(4, 6, 8)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = TRAINING.routed_experts(w1, w2, w3, x, torch.ones(0, 1), torch.zeros(0, 1, dtype=torch.long))
+    assert y.shape == (0, 8)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.shape == (0, 8)

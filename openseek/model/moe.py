@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import SwiGLU
-from .ops import TRAINING, Kernels, experts_padded
+from .ops import TRAINING, Kernels
 
 
 class Router(nn.Module):
@@ -80,10 +80,10 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        """sum over k of weights_NK[n, k] * SwiGLU_{ids_NK[n, k]}(x_n), autograd-capable: TRAINING's kernel, the
-        call that expert parallelism (a subclass) overrides."""
-        return experts_padded(self, x_ND, weights_NK, ids_NK)
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor,
+                kernels: Kernels = TRAINING) -> torch.Tensor:
+        """sum over k of weights_NK[n, k] * SwiGLU_{ids_NK[n, k]}(x_n)."""
+        return kernels.routed_experts(self.w1, self.w2, self.w3, x_ND, weights_NK, ids_NK)
 
 
 RouteHook = Callable[["MoE", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,7 +105,7 @@ class MoE(nn.Module):
         weights_NK, ids_NK, scores_NE = self.gate(x_ND)
         if self.route_hook is not None:
             weights_NK = self.route_hook(self, x, scores_NE, weights_NK, ids_NK)
-        y = kernels.routed_experts(self.experts, x_ND, weights_NK, ids_NK)
+        y = self.experts(x_ND, weights_NK, ids_NK, kernels)
         if self.shared is not None:
             y = y + self.shared(x_ND, kernels)
         return y.view_as(x)

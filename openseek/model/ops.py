@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 Tensor = torch.Tensor
 
@@ -110,22 +109,17 @@ def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, linear: Callable[[Tens
     return linear(h if gate is None else h * gate[:, None].to(h.dtype), w2)
 
 
-def experts_reference(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+def experts_reference(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
     """Each expert on the tokens that chose it, one expert at a time."""
     y_ND = torch.zeros_like(x_ND)
     for e in ids_NK.unique().tolist():
         n, k = (ids_NK == e).nonzero(as_tuple=True)
-        y = swiglu(x_ND[n], experts.w1[e], experts.w2[e], experts.w3[e]) * weights_NK[n, k, None].to(x_ND.dtype)
+        y = swiglu(x_ND[n], w1[e], w2[e], w3[e]) * weights_NK[n, k, None].to(x_ND.dtype)
         y_ND = y_ND.index_add(0, n, y)
     return y_ND
 
 
-def experts_as_module(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
-    """The module's own forward (experts_padded), so what subclasses it (expert parallelism) takes part."""
-    return experts(x_ND, weights_NK, ids_NK)
-
-
-def experts_padded(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+def experts_padded(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
     """Training: a GEMM per expert over its pairs padded to a multiple of PAD_TO rows.
 
     grouped_mm has no backward on CPU (torch 2.13). oneDNN, which runs bf16 GEMMs there, compiles a kernel
@@ -134,7 +128,7 @@ def experts_padded(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK:
     N, K = ids_NK.shape
     ids = ids_NK.flatten()
     order = ids.argsort(stable=True)  # (N*K,) pairs sorted by expert
-    counts_E = torch.bincount(ids, minlength=experts.w1.shape[0])
+    counts_E = torch.bincount(ids, minlength=w1.shape[0])
     padded_E = (counts_E + PAD_TO - 1) // PAD_TO * PAD_TO
     shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)  # padding before each group
     slot = torch.arange(N * K, device=ids.device) + shift_E[ids[order]]  # (N*K,) row of each sorted pair
@@ -144,17 +138,18 @@ def experts_padded(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK:
     # cast once, not per expert (under autocast), and before the gather, which then moves half the bytes;
     # unbind once: indexing w[e] per expert would give each its own full-size (E, ...) gradient buffer
     dtype = autocast_dtype(x_ND) or x_ND.dtype
-    w1, w2, w3 = (w.to(dtype).unbind(0) for w in (experts.w1, experts.w2, experts.w3))
+    w1_E, w2_E, w3_E = (w.to(dtype).unbind(0) for w in (w1, w2, w3))
     xs_MD = x_ND.to(dtype).index_select(0, token_M)
     # split, not slicing: a slice's backward zero-fills a copy of all of xs per expert; split's concatenates
     groups = zip(xs_MD.split(padded_E.tolist()), gate_M.split(padded_E.tolist()))
-    ys_MD = torch.cat([swiglu(xe, w1[e], w2[e], w3[e], gate=ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
+    ys = [swiglu(xe, w1_E[e], w2_E[e], w3_E[e], gate=ge) for e, (xe, ge) in enumerate(groups) if len(xe)]
+    # no pairs: xs_MD is (0, D) and still in x's graph, which expert parallelism's backward all_to_all needs
+    ys_MD = torch.cat(ys) if ys else xs_MD
     return torch.zeros_like(x_ND).index_add_(0, token_M, ys_MD.to(x_ND.dtype))
 
 
-def experts_inference(experts: nn.Module, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+def experts_inference(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
     """Group (token, slot) pairs by expert and run only the experts that received tokens."""
-    w1, w2, w3 = experts.w1, experts.w2, experts.w3
     N, K = ids_NK.shape
     if N == 1:  # batch-1 decode: the K experts straight on the token, no sort or scatter
         ys_KD = torch.cat([swiglu(x_ND, w1[e], w2[e], w3[e], linear_one_row_mv) for e in ids_NK[0].tolist()])
@@ -184,9 +179,10 @@ class Kernels:
     linear: Callable[[Tensor, Tensor], Tensor]  # (x, weight) -> x W^T
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]  # (x, weight, eps)
     attention: Callable[[Tensor, Tensor, Tensor, Tensor | None, float], Tensor]  # (q, k, v, mask, scale)
-    routed_experts: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]  # (experts, x_ND, weights_NK, ids_NK)
+    # (w1, w2, w3, x_ND, weights_NK, ids_NK); the experts stacked: w1, w3 (E, F, D), w2 (E, D, F)
+    routed_experts: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 REFERENCE = Kernels(F.linear, rms_norm, attention_reference, experts_reference)
-TRAINING = Kernels(F.linear, rms_norm_training, attention_sdpa, experts_as_module)
+TRAINING = Kernels(F.linear, rms_norm_training, attention_sdpa, experts_padded)
 INFERENCE = Kernels(linear_one_row_mv, rms_norm, attention_sdpa, experts_inference)

@@ -3,9 +3,9 @@
 
 `torchrun --nproc-per-node W -m openseek train ...` runs train() on every rank; one device mesh spans the W ranks.
 Each builds the same model from the same seed and trains on its rows of the global batch; DDP (`replicate`)
-averages the replicated parameters' gradients during backward. With `expert_parallel` every MoE layer's routed
-experts become DTensors sharded over the mesh (rank r holds experts [r*E/W, (r+1)*E/W)) and (token, expert) pairs
-travel to their expert's rank and back by all_to_all. Checkpoints are full state dicts (torch.distributed.checkpoint):
+averages the replicated parameters' gradients during backward. With `expert_parallel` a ParallelStyle
+(ExpertParallel) shards every MoE layer's routed experts in place as DTensors over the mesh (rank r holds experts
+[r*E/W, (r+1)*E/W)) and (token, expert) pairs travel to their expert's rank and back by all_to_all. Checkpoints are full state dicts (torch.distributed.checkpoint):
 the single-device layout, which loads anywhere and resumes at any world size.
 
 Shapes: N tokens, K experts per token, D model dim, F expert hidden dim, E routed experts (on this rank), W ranks,
@@ -15,7 +15,7 @@ M (token, expert) pairs this rank received.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -25,10 +25,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from ..model import Transformer
-from ..model.moe import Experts, MoE
+from ..model.moe import MoE
+from ..model.ops import TRAINING
+from ..validation import check
 from .moe_recipe import MoERecipe
 from .step import LMLoss, StepResult
 
@@ -104,30 +108,30 @@ def mean_step_result(res: StepResult, world: World) -> StepResult:
 
 # ---- expert parallelism --------------------------------------------------------------------------------------
 
-class ExpertParallel(nn.Module):
-    """One MoE layer's routed experts as DTensors sharded by expert over the mesh; forward sends each (token, expert)
-    pair to the rank owning the expert, runs that rank's block and returns the outputs the same way (autograd-aware
-    all_to_all)."""
+class ExpertParallel(ParallelStyle):
+    """An Experts' stacked weights sharded Shard(0) over a 1-D mesh; each (token, expert) pair travels to its expert's
+    rank and its output back by autograd-aware all_to_all (torchtitan's ExpertParallel). parallelize_module applies it
+    in place, so the module tree and the state-dict names stay the one-device ones."""
 
-    def __init__(self, experts: Experts, mesh: DeviceMesh):
-        super().__init__()
-        E, F, D = experts.w1.shape
-        if E % mesh.size():
-            raise ValueError(f"expert parallelism: world_size={mesh.size()} must divide n_routed_experts={E}")
-        self.mesh = mesh
-        for name in ("w1", "w2", "w3"):
-            setattr(self, name, nn.Parameter(distribute_tensor(getattr(experts, name).detach(), mesh, [Shard(0)])))
-        # The block computes as an Experts of E/W experts on the local shards (functional_call hands them over):
-        # a plain attribute on the meta device, so neither state dicts nor optimizers see it.
-        with torch.device("meta"):
-            self._block = (Experts(E // mesh.size(), D, F),)
+    _pending: tuple | None = None  # what the combine needs from this forward's dispatch
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._dispatch, self._combine)
 
-        N, K = ids_NK.shape
-        local = {name: getattr(self, name).to_local() for name in ("w1", "w2", "w3")}
-        E, W, group = local["w1"].shape[0], self.mesh.size(), self.mesh.get_group()
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, p in module.named_parameters(recurse=False):
+            E, W = p.shape[0], mesh.size()
+            check(E % W == 0, "world_size", W, f"must divide n_routed_experts={E}", owner="expert parallelism: ")
+            shards = distribute_tensor(p.detach(), mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            module.register_parameter(pname, nn.Parameter(shards))
+
+    def _dispatch(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        """-> the Experts' inputs on this rank: each received pair as a token of its own with gate weight 1 (the
+        gate weights stay at home), and kernels that compute on the local shards (to_local() keeps the gradients' way
+        back to the DTensors)."""
+        x_ND, weights_NK, ids_NK, *rest = inputs
+        K = ids_NK.shape[1]
+        E, W, group = module.w1.shape[0] // mesh.size(), mesh.size(), mesh.get_group()
         order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs by expert, hence by the rank owning it
         expert_of = ids_NK.flatten()[order]  # (N*K,)
         token_of = order // K
@@ -138,23 +142,34 @@ class ExpertParallel(nn.Module):
         local_ids_M = expert_of.new_empty(sum(recv))
         dist.all_to_all_single(local_ids_M, expert_of % E, recv, send, group=group)
         xs_MD = wait_tensor(all_to_all_single_autograd(x_ND[token_of], recv, send, group))  # (M, D)
-        if len(local_ids_M):  # each received pair as a token of its own, weight 1: the gate weights stay at home
-            ys_MD = torch.func.functional_call(self._block[0], local,
-                                               (xs_MD, xs_MD.new_ones(len(local_ids_M), 1), local_ids_M[:, None]))
-        else:  # still in the graph: the backward all_to_all needs every rank
-            ys_MD = xs_MD * 0
+        self._pending = (x_ND, weights_NK.flatten()[order], token_of, send, recv, group)
+        kernels = rest[0] if rest else TRAINING
+        fn = kernels.routed_experts
+        on_shards = replace(kernels,
+                            routed_experts=lambda w1, w2, w3, *a: fn(w1.to_local(), w2.to_local(), w3.to_local(), *a))
+        return xs_MD, xs_MD.new_ones(len(local_ids_M), 1), local_ids_M[:, None], on_shards
+
+    def _combine(self, module: nn.Module, ys_MD: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        """-> (N, D): each pair's output back at its token, times its gate weight."""
+        x_ND, gate, token_of, send, recv, group = self._pending
+        self._pending = None
         ys = wait_tensor(all_to_all_single_autograd(ys_MD, send, recv, group))  # (N*K, D), back in `order`
-        ys = ys * weights_NK.flatten()[order, None].to(ys.dtype)
+        ys = ys * gate[:, None].to(ys.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys.to(x_ND.dtype))
 
 
 def shard_experts(model: nn.Module, world: World) -> None:
-    """Replace every MoE layer's routed experts with their ExpertParallel sharding over the world (in place)."""
+    """Shard every MoE layer's routed experts over the world in place (ExpertParallel)."""
     if world.size == 1:
         return
     for m in model.modules():
-        if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallel):
-            m.experts = ExpertParallel(m.experts, world.mesh)
+        if isinstance(m, MoE):
+            parallelize_module(m.experts, world.mesh, ExpertParallel())
+
+
+def sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ExpertParallel sharded (DTensors); empty when none are."""
+    return [p for p in model.parameters() if isinstance(p, DTensor)]
 
 
 def average_expert_grads(model: nn.Module, world: World) -> None:
@@ -163,13 +178,11 @@ def average_expert_grads(model: nn.Module, world: World) -> None:
     The all_to_all backward already summed every rank's tokens into each block: dividing by W gives the gradient of
     the mean of the ranks' losses, the one-process gradient. A block no token reached gets zeros, so AdamW steps it
     as the one-process run steps its untouched experts (and every rank holds optimizer state for every block)."""
-    for m in model.modules():
-        if isinstance(m, ExpertParallel):
-            for p in m.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.div_(world.size)
+    for p in sharded_parameters(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.div_(world.size)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
@@ -196,7 +209,7 @@ class DataParallel:
     def __init__(self, model: Transformer, recipe: MoERecipe, world: World, dtype: torch.dtype):
         from torch.distributed._composable.replicate import replicate
 
-        experts = [m for m in model.modules() if isinstance(m, ExpertParallel)]
+        experts = [m.experts for m in model.modules() if isinstance(m, MoE) and sharded_parameters(m.experts)]
         # DDP's own process group: its bucket all-reduces may then interleave with the experts' all_to_all
         self.loss_module = replicate(LMLoss(model, dtype), ignored_modules=experts, process_group=dist.new_group(),
                                      find_unused_parameters=True, broadcast_buffers=False)
@@ -241,7 +254,7 @@ def load_full_state_dicts(model: nn.Module, opt: torch.optim.Optimizer, model_sd
 def gathered_model(model: Transformer) -> Transformer:
     """On rank 0, `model` in the single-device layout (a copy when experts are sharded); other ranks get `model`.
     A collective when experts are sharded: every rank calls it."""
-    if not any(isinstance(m, ExpertParallel) for m in model.modules()):
+    if not sharded_parameters(model):
         return model
     sd = get_model_state_dict(model, options=_FULL)
     if not sd:  # not rank 0
