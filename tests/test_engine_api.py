@@ -129,22 +129,6 @@ def test_llm_keywords_and_cli_flags_are_engine_config_fields(folder):
     assert set(SERVE_ENGINE_FIELDS) == set(EngineConfig.__dataclass_fields__)
 
 
-def test_server_and_chat_import_only_the_engine_package_public_names():
-    import ast
-    from pathlib import Path
-
-    import openseek.engine
-
-    root = Path(openseek.engine.__file__).parent.parent
-    bad = []
-    for f in [*sorted((root / "server").glob("*.py")), root / "chat.py"]:
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "engine":
-                if node.module != "engine" or any(a.name not in openseek.engine.__all__ for a in node.names):
-                    bad.append(f"{f.name}: from {'.' * node.level}{node.module} import {[a.name for a in node.names]}")
-    assert not bad, bad
-
-
 def test_generate_feeds_more_prompts_than_the_waiting_queue_holds(folder):
     prompts = [{"prompt_token_ids": [5 + i, 6, 7, 8]} for i in range(5)]
     params = SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True)
