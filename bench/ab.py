@@ -26,8 +26,8 @@ ROOT = BENCH.parent
 
 
 # ---- probes: run inside one revision ------------------------------------------------------------------------
-def probe_decode(dtype_name: str) -> dict[str, float]:
-    """Decode tok/s of LLM.generate on the bench checkpoint: batch 1 x 256 and 16 x 512, 32 new tokens."""
+def probe_decode(dtype_name: str, shapes: tuple = ((1, 256), (16, 512))) -> dict[str, float]:
+    """Decode tok/s of LLM.generate on the bench checkpoint (default: batch 1 x 256 and 16 x 512), 32 new tokens."""
     import torch
 
     from common import BENCH_CHECKPOINT, make_bench_checkpoint, random_ids
@@ -38,7 +38,7 @@ def probe_decode(dtype_name: str) -> dict[str, float]:
     llm = openseek.LLM(str(BENCH_CHECKPOINT), dtype=getattr(torch, dtype_name), max_num_seqs=64,
                        enable_prefix_caching=False, max_model_len=2048, max_num_batched_tokens=4096)
     out = {}
-    for n, plen in ((1, 256), (16, 512)):
+    for n, plen in shapes:
         prompts = [{"prompt_token_ids": row} for row in random_ids(n, plen, 32000, seed=n * 1000 + plen).tolist()]
 
         def run(k: int) -> float:
@@ -85,6 +85,8 @@ def probe_train_step(dtype_name: str, preset: str = "small", repeats: int = 5) -
 
 
 PROBES = {"decode": lambda: {**probe_decode("float32"), **probe_decode("bfloat16")},
+          "decode_bf16": lambda: probe_decode("bfloat16"),
+          "decode_bf16_batched": lambda: probe_decode("bfloat16", ((16, 512),)),
           "train_step": lambda: {**probe_train_step("bfloat16"), **probe_train_step("float32")}}
 
 
