@@ -90,6 +90,14 @@ def _check_rank_without_tokens() -> None:
     distributed.teardown(world)
 
 
+def _record_groups(path) -> None:
+    """Append this rank's count of live process groups to path.rank{r}."""
+    from torch.distributed import distributed_c10d
+
+    with open(f"{path}.rank{dist.get_rank()}", "a") as f:
+        f.write(f"{len(distributed_c10d._world.pg_map)}\n")
+
+
 def read(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -121,10 +129,18 @@ def runs(corpus, tmp_path_factory):
     torch.manual_seed(0)
     train(dp, root / "dp1", progress=False)
     train(ep, root / "ep1", progress=False)  # expert_parallel is a no-op in a world of one
-    run_on_2_ranks([(train, (dp, root / "dp2"), {"progress": False}),
+    run_on_2_ranks([(_record_groups, (root / "groups",), {}),
+                    (train, (dp, root / "dp2"), {"progress": False}),
                     (train, (ep, root / "ep2"), {"progress": False, "stop_at": 5}),
-                    (train, (ep, root / "ep2"), {"progress": False, "resume": True})])
+                    (train, (ep, root / "ep2"), {"progress": False, "resume": True}),
+                    (_record_groups, (root / "groups",), {})])
     return root
+
+
+def test_trainings_in_one_world_leave_no_process_groups_behind(runs):
+    for rank in (0, 1):  # three train() calls in the caller's group, each with DDP's own group, closed after
+        before, after = (runs / f"groups.rank{rank}").read_text().split()
+        assert after == before
 
 
 def test_data_parallel_matches_one_process(runs):

@@ -211,7 +211,8 @@ class DataParallel:
 
         experts = [m.experts for m in model.modules() if isinstance(m, MoE) and sharded_parameters(m.experts)]
         # DDP's own process group: its bucket all-reduces may then interleave with the experts' all_to_all
-        self.loss_module = replicate(LMLoss(model, dtype), ignored_modules=experts, process_group=dist.new_group(),
+        self.group = dist.new_group()
+        self.loss_module = replicate(LMLoss(model, dtype), ignored_modules=experts, process_group=self.group,
                                      find_unused_parameters=True, broadcast_buffers=False)
         self.model, self.recipe, self.world = model, recipe, world
 
@@ -231,6 +232,10 @@ class DataParallel:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         return clip_grad_norm(self.model, max_norm)
+
+    def close(self) -> None:
+        """Release DDP's process group (a caller may run several trainings in one world)."""
+        dist.destroy_process_group(self.group)
 
 
 # ---- full state dicts ----------------------------------------------------------------------------------------

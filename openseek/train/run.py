@@ -131,6 +131,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
     bar.close()
+    if parallel is not None:
+        parallel.close()
     recipe.remove(model)
     path = checkpoint.export(model, prepared.tokenizer_dir, out, world) if step >= cfg.steps else None
     distributed.barrier(world)  # every rank returns once rank 0's checkpoint and export are written
