@@ -118,6 +118,12 @@ def test_engine_config_names_the_bad_field(field, value):
     assert e.value.field == field and str(e.value).startswith(f"config field {field}=")
 
 
+def test_a_cache_too_large_to_allocate_is_a_config_error(folder):
+    with pytest.raises(FieldError) as e:
+        LLM(folder, kv_cache_memory=10**30)
+    assert e.value.field == "kv_cache_memory" and "could not be allocated" in str(e.value)
+
+
 def test_llm_keywords_and_cli_flags_are_engine_config_fields(folder):
     llm = LLM(folder, config=EngineConfig(block_size=8), max_num_seqs=3)
     assert (llm.llm_engine.config.block_size, llm.llm_engine.config.max_num_seqs) == (8, 3)

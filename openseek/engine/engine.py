@@ -68,9 +68,13 @@ class LLMEngine:
             raise FieldError("kv_cache_memory", kv_cache_memory, f"holds {num_blocks * config.block_size} tokens "
                              f"({bytes_per_token} bytes each): must hold max_model_len={self.max_model_len}",
                              "config field ")
+        try:
+            self.runner = ModelRunner(model, num_blocks, config.block_size)
+        except (RuntimeError, OverflowError, MemoryError, TypeError) as e:  # torch refuses a cache this size
+            raise FieldError("kv_cache_memory", kv_cache_memory, f"could not be allocated on {model.device} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})", "config field ") from None
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else _as_int(mcfg.eos_token_id)
         self.requests: dict[str, _Request] = {}  # unfinished ones
         self._rng = random.Random(config.seed)
