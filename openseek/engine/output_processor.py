@@ -26,7 +26,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error", or None while running
     logprobs: list[Logprobs] | None = None
 
 
@@ -39,6 +39,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     prompt_logprobs: list[Logprobs | None] | None = None  # entry 0 is None: nothing predicts the first token
+    error: str | None = None  # why the engine failed this request (its completions end with "error")
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class StepOutput:
     new_logprobs: list[Logprobs] | None = None
     prompt_logprobs: list[Logprobs | None] | None = None  # on each completion's first delta, if asked
     output: RequestOutput | None = None  # the whole request, on the delta that finishes its last completion
+    error: str | None = None  # set when finish_reason is "error": what failed, for this request's client only
 
 
 @dataclass
