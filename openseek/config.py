@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .validation import FieldError
+from .validation import FieldError, is_int, is_number
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 TOPK_ALIASES = {"gready": "greedy"}  # the misspelling in the original config docstring
@@ -22,6 +22,17 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 OWNER = "config field "  # FieldError's prefix: the messages read "config field n_group=7 is invalid: ..."
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+# Integer sizes as (least, most): the upper bounds lie far above any released model (V3: 7168 wide, 61 layers,
+# 256 experts, 129280 tokens) and low enough that a typo fails here, not as a build that allocates for minutes.
+# Positions become float32 angles, exact up to 2^24.
+SIZES = {"vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
+         "num_hidden_layers": (1, 1 << 10), "num_attention_heads": (1, 1 << 12), "kv_lora_rank": (1, 1 << 16),
+         "qk_nope_head_dim": (1, 1 << 12), "qk_rope_head_dim": (1, 1 << 12), "v_head_dim": (1, 1 << 12),
+         "max_position_embeddings": (2, 1 << 24), "num_nextn_predict_layers": (0, 1 << 10),
+         "first_k_dense_replace": (0, None), "moe_layer_freq": (1, None)}
+MOE_SIZES = {"n_routed_experts": (1, 1 << 16), "moe_intermediate_size": (1, 1 << 20), "n_shared_experts": (0, 1 << 10),
+             "num_experts_per_tok": (1, None), "n_group": (1, None), "topk_group": (1, None)}
+MAX_PARAMETERS = 10 ** 13  # 20 TB in bf16, ten times the largest released models: beyond it, surely a typo
 
 
 @dataclass
@@ -93,49 +104,45 @@ class ModelConfig:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
+        """Raise FieldError naming the first invalid field; ValueError when the sizes together are too large."""
         def bad(name: str, allowed: str) -> FieldError:
             return FieldError(name, getattr(self, name), allowed, OWNER)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise bad(name, "must be a positive integer")
+        _check_sizes(self, SIZES)
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
-            raise bad("q_lora_rank", "must be a positive integer or null (no query compression)")
+        if self.q_lora_rank is not None:
+            _check_sizes(self, {"q_lora_rank": (1, 1 << 16)}, " or null (no query compression)")
         if self.model_type not in MODEL_TYPES:
             raise bad("model_type", f"allowed: {', '.join(MODEL_TYPES)}")
         if self.topk_method not in TOPK_METHODS:
             raise bad("topk_method", f"allowed: {', '.join(TOPK_METHODS)} (or the spelling 'gready')")
         if self.scoring_func not in SCORING_FUNCS:
             raise bad("scoring_func", f"allowed: {', '.join(SCORING_FUNCS)}")
-        if not isinstance(self.moe_layer_freq, int) or self.moe_layer_freq < 1:
-            raise bad("moe_layer_freq", "must be a positive integer")
-        if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
-            raise bad("first_k_dense_replace", "must be a non-negative integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "must be a positive finite number")
         if self.n_routed_experts is not None:
             self._validate_moe(bad)
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise bad("rope_scaling", "must be an object of YaRN parameters, or null")
             missing = [k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling]
             if missing:
                 raise bad("rope_scaling", f"YaRN needs {', '.join(missing)}")
-            if not self.rope_scaling["factor"] or self.rope_scaling["factor"] <= 0:
-                raise bad("rope_scaling", "factor must be positive")
+            if not is_number(self.rope_scaling["factor"]) or self.rope_scaling["factor"] <= 0:
+                raise bad("rope_scaling", "factor must be a positive number")
+        if (n := self.num_parameters()) > MAX_PARAMETERS:
+            raise ValueError(f"config implies {n:.3g} parameters, more than the {MAX_PARAMETERS:.0e} openseek "
+                             "builds: check hidden_size, num_hidden_layers, vocab_size, n_routed_experts and the "
+                             "intermediate sizes")
 
     def _validate_moe(self, bad) -> None:
+        _check_sizes(self, {"n_routed_experts": MOE_SIZES["n_routed_experts"]}, " or null (all layers dense)")
+        _check_sizes(self, MOE_SIZES)
         e = self.n_routed_experts
-        if not isinstance(e, int) or e < 1:
-            raise bad("n_routed_experts", "must be a positive integer or null (all layers dense)")
-        for name in ("num_experts_per_tok", "n_group", "topk_group", "n_shared_experts"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (name != "n_shared_experts"):
-                raise bad(name, "must be a positive integer" if name != "n_shared_experts" else "must be >= 0")
         if not 1 <= self.num_experts_per_tok <= e:
             raise bad("num_experts_per_tok", f"must lie in [1, n_routed_experts={e}]")
-        if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size < 1:
-            raise bad("moe_intermediate_size", "must be a positive integer")
         if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
             raise bad("scoring_func", "topk_method 'noaux_tc' needs scoring_func 'sigmoid'")
         if self.topk_method != "greedy":
@@ -148,10 +155,28 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and e // self.n_group < 2:
                 raise bad("n_group", "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group")
 
+    def num_parameters(self) -> int:
+        """Parameters of the main model (MTP layers excluded), by formula, without building anything; a test
+        keeps it equal to summary.count_parameters, which counts the built modules."""
+        D, H, C, L = self.hidden_size, self.num_attention_heads, self.kv_lora_rank, self.num_hidden_layers
+        q_out = H * self.qk_head_dim
+        wq = D * q_out if self.q_lora_rank is None else self.q_lora_rank * (D + 1 + q_out)
+        attn = wq + D * (C + self.qk_rope_head_dim) + C + C * H * (self.qk_nope_head_dim + self.v_head_dim) \
+            + H * self.v_head_dim * D
+        n_moe = sum(map(self.is_moe_layer, range(L)))
+        moe = 0
+        if self.n_routed_experts is not None:  # router, routed and shared experts
+            E, F = self.n_routed_experts, self.moe_intermediate_size
+            moe = E * D + 3 * D * F * (E + self.n_shared_experts)
+        layers = L * (attn + 2 * D) + n_moe * moe + (L - n_moe) * 3 * D * self.intermediate_size
+        return layers + self.vocab_size * D * (1 if self.tie_word_embeddings else 2) + D
+
     # ---- config.json ---------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a config.json dict (hub layout or current transformers layout)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a model config is a dict of config.json fields, not a {type(d).__name__}")
         d = dict(d)
         if d.get("model_type") == "deepseek_v3":  # V3 configs (and transformers' V3 class) imply its router
             d.setdefault("topk_method", "noaux_tc")
@@ -162,7 +187,11 @@ class ModelConfig:
             kwargs.setdefault("torch_dtype", d.pop("dtype"))
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
         d.pop("rope_scaling", None)
+        if not isinstance(rope, dict):
+            raise FieldError("rope_scaling", rope, "must be an object (rope_type and its parameters) or null", OWNER)
         theta = d.pop("rope_theta", None) or rope.get("rope_theta") or 10000.0
+        if not is_number(theta):
+            raise FieldError("rope_theta", theta, "must be a positive finite number", OWNER)
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "yarn"):
             raise FieldError("rope_scaling.type", kind, "allowed: yarn, or none", OWNER)
@@ -215,12 +244,25 @@ class ModelConfig:
             raise FileNotFoundError(f"no config.json at {path}")
         try:
             d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(d), "a number")
+            raise ValueError(f"{path} holds {kind}: a config.json is a JSON object of config fields "
+                             '({"hidden_size": ..., ...})')
         return cls.from_hf(d)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+def _check_sizes(cfg: ModelConfig, sizes: dict[str, tuple[int, int | None]], alt: str = "") -> None:
+    """Each named field an int in [least, most] (JSON's 1e9 is a float, and refused)."""
+    for name, (least, most) in sizes.items():
+        v = getattr(cfg, name)
+        if not is_int(v) or v < least or (most is not None and v > most):
+            allowed = f"an integer >= {least}" if most is None else f"an integer in [{least}, {most}]"
+            raise FieldError(name, v, f"must be {allowed}{alt}", OWNER)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

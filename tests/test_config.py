@@ -103,3 +103,59 @@ def test_bad_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         ModelConfig.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_position_embeddings", 0, r"max_position_embeddings=0.*\[2, "),
+    ("num_hidden_layers", 1_000_000_000, r"num_hidden_layers=1000000000.*\[1, 1024\]"),
+    ("num_hidden_layers", 1e9, r"num_hidden_layers=1000000000\.0.*integer"),  # JSON's 1e9 is a float
+    ("hidden_size", 64.0, "hidden_size=64.0.*integer"),
+    ("vocab_size", 1 << 30, "vocab_size="),
+    ("n_routed_experts", 0, "n_routed_experts=0.*or null"),
+    ("q_lora_rank", 0, "q_lora_rank=0.*or null"),
+    ("rms_norm_eps", -1e-6, "rms_norm_eps=-1e-06.*positive"),
+    ("rope_theta", "big", "rope_theta='big'.*positive"),
+    ("rope_scaling", ["yarn"], "rope_scaling=.*object"),
+])
+def test_sizes_out_of_bounds_name_the_field(field, value, message):
+    with pytest.raises(FieldError, match=message) as e:
+        ModelConfig.from_hf({**HUB_V2, field: value})
+    assert e.value.field == field
+
+
+def test_huge_config_file_fails_fast_before_building(tmp_path):
+    """A config.json of a billion layers used to be accepted; the loader then built them on the meta device."""
+    import time
+
+    from openseek.model import load_pretrained
+
+    (tmp_path / "config.json").write_text(json.dumps({**HUB_V2, "num_hidden_layers": 1_000_000_000}))
+    t0 = time.perf_counter()
+    with pytest.raises(FieldError, match="num_hidden_layers") as e:
+        load_pretrained(tmp_path)
+    assert e.value.field == "num_hidden_layers" and time.perf_counter() - t0 < 1.0
+
+
+def test_parameter_count_over_the_bound_is_refused():
+    # every size within its own bound, but 59 MoE layers of 64 Ki experts of width 2^20: 59 * 2^16 * 3 * 5120 * 2^20
+    with pytest.raises(ValueError, match=r"config implies 6\.2\de\+16 parameters.*1e\+13") as e:
+        ModelConfig.from_hf({**HUB_V2, "n_routed_experts": 1 << 16, "moe_intermediate_size": 1 << 20})
+    assert not isinstance(e.value, FieldError)
+
+
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"tie_word_embeddings": True},
+                                     {"n_routed_experts": None}, {"n_shared_experts": 0, "moe_layer_freq": 2},
+                                     {"model_type": "deepseek_v3", "topk_method": "noaux_tc",
+                                      "scoring_func": "sigmoid", "num_nextn_predict_layers": 1}])
+def test_parameter_formula_equals_the_built_modules(changes):
+    from openseek.summary import count_parameters
+
+    cfg = ModelConfig.from_hf({**HUB_V2, "num_hidden_layers": 4, **changes})
+    assert cfg.num_parameters() == count_parameters(cfg).total
+
+
+@pytest.mark.parametrize("text,kind", [("[1, 2]", "an array"), ("42", "a number"), ("null", "null")])
+def test_config_json_that_is_not_an_object_names_the_file(tmp_path, text, kind):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"config.json holds {kind}: a config.json is a JSON object"):
+        ModelConfig.from_file(tmp_path)
