@@ -156,6 +156,48 @@ def test_missing_shard_is_named(tmp_path):
         openseek.load_pretrained(path)
 
 
+def _sharded_with_a_shard_outside(tmp_path):
+    """A sharded checkpoint whose second shard moved out of the folder, to tmp_path/outside."""
+    path = save_reference(build_reference("v2"), tmp_path / "c", max_shard_size="40KB")
+    victim = sorted(path.glob("model-*.safetensors"))[1]
+    (tmp_path / "outside").mkdir()
+    moved = victim.rename(tmp_path / "outside" / victim.name)
+    return path, victim.name, moved
+
+
+@pytest.mark.parametrize("spell", [lambda name, moved: f"../outside/{name}", lambda name, moved: str(moved)],
+                         ids=["dot-dot", "absolute"])
+def test_shard_paths_outside_the_folder_are_refused(tmp_path, spell):
+    """The index once named ../../etc/passwd and it was opened; here it names a real shard outside the folder,
+    which the old loader read."""
+    path, name, moved = _sharded_with_a_shard_outside(tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: spell(name, moved) if f == name else f for k, f in index["weight_map"].items()}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weight_map\[.*\]=.*is not a file inside the model folder"):
+        openseek.load_pretrained(path)
+
+
+def test_shard_symlinked_from_inside_the_folder_loads(tmp_path):
+    """The Hugging Face cache's snapshot folders hold symlinks into its blobs folder: those stay loadable."""
+    path, name, moved = _sharded_with_a_shard_outside(tmp_path)
+    (path / name).symlink_to(moved)
+    ref = openseek.load_pretrained(save_reference(build_reference("v2"), tmp_path / "d"))
+    got = openseek.load_pretrained(path)
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("index,message", [
+    ("[]", "not a valid safetensors index"), ("{}", "not a valid safetensors index"), ("{not json", "not a valid"),
+    ('{"weight_map": ["model.safetensors"]}', "weight_map must be an object"),
+    ('{"weight_map": {"lm_head.weight": 3}}', r"weight_map\['lm_head.weight'\]=3 must be a shard file name"),
+])
+def test_invalid_index_is_a_value_error_naming_it(tiny_v2, index, message):
+    (tiny_v2 / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json.*{message}"):
+        openseek.load_pretrained(tiny_v2)
+
+
 def test_truncated_safetensors_is_named(tmp_path, tiny_v2):
     f = tiny_v2 / "model.safetensors"
     data = f.read_bytes()

@@ -91,12 +91,9 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     """tensor name -> file, from model.safetensors.index.json or the folder's *.safetensors files."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        weight_map = _weight_map(index)
         for f in sorted(set(weight_map.values())):
-            if not (path / f).exists():
+            if not (path / f).is_file():
                 raise FileNotFoundError(f"shard {f} listed in {index} is missing")
         return {name: path / f for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
@@ -107,6 +104,28 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         with _open(f) as st:
             out.update({name: f for name in st.keys()})
     return out
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name, every shard inside the folder.
+
+    A shard name is confined lexically (relative, no `..`), not by resolving it: the Hugging Face cache's
+    snapshot folders are symlinks into its blobs folder, and a symlink is the folder owner's choice, while
+    the index is downloaded data that once named `../../etc/passwd`."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index (a JSON object with a weight_map): "
+                         f"{type(e).__name__}: {e}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file, "
+                         f"not {type(weight_map).__name__}")
+    for name, f in weight_map.items():
+        if not isinstance(f, str):
+            raise ValueError(f"{index}: weight_map[{name!r}]={f!r} must be a shard file name (a string)")
+        if not f or Path(f).is_absolute() or ".." in Path(f).parts:
+            raise ValueError(f"{index}: weight_map[{name!r}]={f!r} is not a file inside the model folder")
+    return weight_map
 
 
 def _open(file: Path):
