@@ -148,3 +148,67 @@ def test_v3_model_trains_device_limited_with_bias_updates_and_exports_its_own_co
     exported = json.loads((path / "config.json").read_text())
     assert (exported["topk_method"], exported["n_group"], exported["topk_group"]) == ("noaux_tc", 1, 1)
     assert (load_file(path / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"] != 0).any()
+
+
+class _Planted:
+    """Unpickling this runs open(marker, "w"): what a planted checkpoint could do with any callable."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    from openseek.train import checkpoint
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    torch.save({"step": 1, "config": _Planted(marker)}, tmp_path / "out" / "checkpoints" / "ckpt-0000001.pt")
+    with pytest.raises(ValueError, match="none of the 1 checkpoints .* loads"):
+        checkpoint.restore(tmp_path / "out", train_preset("tiny"), None, None, None)
+    assert not marker.exists()
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_with_a_warning(corpus, tmp_path, caplog):
+    cfg = tiny(corpus, steps=8, save_every=2, eval_every=100)
+    out = tmp_path / "t"
+    train(cfg, out, stop_at=6, progress=False)  # checkpoints 4 and 6 (keep_last=2)
+    first = {r["step"]: r["loss"] for r in read(out) if r["kind"] == "train"}
+    newest = out / "checkpoints" / "ckpt-0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a crash mid-write, before fsync and rename existed
+    with caplog.at_level("WARNING", logger="openseek.train.checkpoint"):
+        assert train(cfg, out, resume=True, progress=False) is not None
+    assert "ckpt-0000006.pt" in caplog.text and "skipping" in caplog.text
+    again = {r["step"]: r["loss"] for r in read(out) if r["kind"] == "train"}
+    assert sorted(again) == list(range(1, 9))
+    assert [again[s] for s in (5, 6)] == [first[s] for s in (5, 6)]  # resumed at step 4, bit for bit
+
+
+def test_checkpoint_is_fsynced_before_the_rename(corpus, tmp_path, monkeypatch):
+    import os
+
+    from openseek.train import checkpoint
+
+    events = []  # (what, path) for every fsync and rename under the checkpoints folder
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    train(tiny(corpus, steps=2, save_every=2, eval_every=100), tmp_path / "f", progress=False)
+    ckpt_dir = str((tmp_path / "f" / "checkpoints").resolve())
+    ours = [e for e in events if e[1].startswith(ckpt_dir)]
+    # the temp file's data, the rename, the folder's entry
+    assert ours == [("fsync", ckpt_dir + "/ckpt-0000002.tmp"), ("replace", ckpt_dir + "/ckpt-0000002.pt"),
+                    ("fsync", ckpt_dir)]
+    state = torch.load(next((tmp_path / "f" / "checkpoints").glob("ckpt-*.pt")), weights_only=True)
+    assert state["step"] == 2
