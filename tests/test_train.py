@@ -212,3 +212,30 @@ def test_checkpoint_is_fsynced_before_the_rename(corpus, tmp_path, monkeypatch):
                     ("fsync", ckpt_dir)]
     state = torch.load(next((tmp_path / "f" / "checkpoints").glob("ckpt-*.pt")), weights_only=True)
     assert state["step"] == 2
+
+
+def test_corpus_too_small_for_the_vocab_is_one_error_and_a_retry_in_the_same_out_works(tmp_path, capsys, caplog):
+    """The old run warned, wrote the short tokenizer, then said 'use a fresh --out' about the fresh folder; every
+    retry in that folder failed the same way."""
+    import re
+
+    from openseek.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.py").write_text("def f(x):\n    return x + 1\n" * 3)
+    (tmp_path / "data" / "b.py").write_text("def g(y):\n    return y * 2\n" * 3)
+    out = tmp_path / "out"
+    argv = ["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress",
+            "--steps", "2", "--seq-len", "8", "--batch-size", "2", "--warmup", "1", "--eval-every", "2",
+            "--save-every", "2", "--val-fraction", "0.5"]
+    with caplog.at_level("WARNING"):
+        assert main(argv + ["--vocab-size", "512"]) == 2
+    err = capsys.readouterr().err
+    m = re.fullmatch(r"error: vocab_size=512: the corpus sample ran out of merges at (\d+) tokens; ask for "
+                     r"vocab_size=\1 or fewer, or give more text\n", err)
+    assert m and "fresh" not in err and not caplog.records, (err, caplog.text)
+    assert not (out / "data" / "tokenizer").exists()
+    supported = int(m.group(1))
+    assert main(argv + ["--vocab-size", str(supported)]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert json.loads((out / "model" / "config.json").read_text())["vocab_size"] == supported

@@ -192,6 +192,12 @@ def test_tokenizer_training_is_deterministic_and_honours_the_byte_budget(files, 
     assert small.decode(small.encode(MIXED[0])) == MIXED[0]
 
 
+def test_exact_tokenizer_training_refuses_a_short_sample_and_writes_nothing(files, tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=2000: the corpus sample ran out of merges at (\d+) tokens"):
+        train_tokenizer(files, vocab_size=2000, out_dir=tmp_path / "exact", max_bytes=3000, exact=True)
+    assert not (tmp_path / "exact").exists()
+
+
 @pytest.mark.parametrize("vocab_size", [258, 100, 400.0])
 def test_tokenizer_rejects_too_small_a_vocabulary(files, tmp_path, vocab_size):
     with pytest.raises(ValueError, match="vocab_size"):

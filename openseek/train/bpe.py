@@ -41,8 +41,11 @@ def tokenizer_config(model_max_length: int = 16384) -> dict:
 
 
 def train_tokenizer(files: list[Path], vocab_size: int, out_dir: str | Path, max_bytes: int | None = None,
-                    model_max_length: int = 16384) -> Tokenizer:
-    """Train a byte-level BPE on (a max_bytes sample of) files; write tokenizer.json + tokenizer_config.json."""
+                    model_max_length: int = 16384, exact: bool = False) -> Tokenizer:
+    """Train a byte-level BPE on (a max_bytes sample of) files; write tokenizer.json + tokenizer_config.json.
+
+    A sample too small for vocab_size runs out of merges: the smaller vocabulary is kept with a warning, or with
+    exact=True nothing is written and a ValueError says which vocab_size the sample supports."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -62,6 +65,9 @@ def train_tokenizer(files: list[Path], vocab_size: int, out_dir: str | Path, max
     backend.train_from_iterator(_sample_texts(files, max_bytes), trainer=trainer)
     backend.add_special_tokens([BOS, EOS])  # the last ids, as in V2 (100000, 100001)
     trained = backend.get_vocab_size(with_added_tokens=True)
+    if trained < vocab_size and exact:
+        raise ValueError(f"vocab_size={vocab_size}: the corpus sample ran out of merges at {trained} tokens; "
+                         f"ask for vocab_size={trained} or fewer, or give more text")
     if trained < vocab_size:
         log.warning("the corpus sample ran out of merges: %d tokens instead of vocab_size=%d", trained, vocab_size)
     out = Path(out_dir)

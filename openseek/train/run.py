@@ -37,10 +37,13 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
     elif cfg.init is not None:
         raise ValueError(f"init={cfg.init} holds no tokenizer.json")
     else:
-        tokenizer = bpe.train_tokenizer(train_files, cfg.vocab_size, tok_dir, max_bytes=cfg.max_tokenizer_bytes)
-    if cfg.init is None and tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"{tok_dir} holds a tokenizer of vocab {tokenizer.vocab_size}, the config asks for "
-                         f"{cfg.vocab_size}: use a fresh --out")
+        # exact: a corpus too small for vocab_size is one error before anything is written, so a retry with
+        # the vocab_size it names works in the same --out
+        tokenizer = bpe.train_tokenizer(train_files, cfg.vocab_size, tok_dir, max_bytes=cfg.max_tokenizer_bytes,
+                                        exact=True)
+    if cfg.init is None and tokenizer.vocab_size != cfg.vocab_size:  # an earlier run's, in this --out
+        raise ValueError(f"{tok_dir} holds the tokenizer of an earlier run, of vocab {tokenizer.vocab_size}; the "
+                         f"config asks for {cfg.vocab_size}: use a fresh --out, or that vocab_size")
     if cfg.sft:
         train_set, val_set = (sft.build_chat_dataset(sft.instruction_pairs(f), tokenizer, cfg.seq_len, cfg.seed)
                               for f in (train_files, val_files))
