@@ -239,3 +239,16 @@ def test_corpus_too_small_for_the_vocab_is_one_error_and_a_retry_in_the_same_out
     assert main(argv + ["--vocab-size", str(supported)]) == 0
     assert "exported" in capsys.readouterr().out
     assert json.loads((out / "model" / "config.json").read_text())["vocab_size"] == supported
+
+
+def test_model_larger_than_the_machine_is_refused_before_any_work(corpus, tmp_path):
+    """A dense layer of 65536 x 2^20 is 275 GB per matrix: the old run trained a tokenizer, then failed allocating
+    with a RuntimeError."""
+    import os
+
+    if 4 * 3 * (1 << 36) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        pytest.skip("this machine holds one such dense layer")
+    big = dict(train_preset("tiny").model, hidden_size=1 << 16, intermediate_size=1 << 20)
+    with pytest.raises(ValueError, match=r"parameters take [\d,]+ GiB in float32, more than this machine's"):
+        train(tiny(corpus, model=big), tmp_path / "big", progress=False)
+    assert not (tmp_path / "big").exists()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import ModelConfig
 from ..model import Transformer, load_pretrained
 from ..summary import count_parameters
 from ..tokenizer import Tokenizer
@@ -97,6 +99,7 @@ def train_device(name: str) -> torch.device:
 
 def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop_at: int | None, progress: bool,
            world: distributed.World) -> Path | None:
+    check_memory(cfg.model_config())  # before the tokenizer and the data, which take minutes on a big corpus
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     prepared = distributed.main_first(world, lambda: prepare_data(cfg, out))
@@ -140,6 +143,16 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop
     path = checkpoint.export(model, prepared.tokenizer_dir, out, world) if step >= cfg.steps else None
     distributed.barrier(world)  # every rank returns once rank 0's checkpoint and export are written
     return path
+
+
+def check_memory(mcfg: ModelConfig) -> None:
+    """Refuse a model whose float32 weights alone exceed this machine's memory: every run builds the whole model
+    on the CPU first, and training needs about four times that (weights, gradients, AdamW's two moments)."""
+    need = 4 * mcfg.num_parameters()
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"the model's {mcfg.num_parameters():.3g} parameters take {need / 2**30:,.0f} GiB in "
+                         f"float32, more than this machine's {have / 2**30:,.0f} GiB of memory")
 
 
 def _build_model(cfg: TrainConfig, bos_eos: tuple[int, int]) -> Transformer:
