@@ -252,3 +252,17 @@ def test_model_larger_than_the_machine_is_refused_before_any_work(corpus, tmp_pa
     with pytest.raises(ValueError, match=r"parameters take [\d,]+ GiB in float32, more than this machine's"):
         train(tiny(corpus, model=big), tmp_path / "big", progress=False)
     assert not (tmp_path / "big").exists()
+
+
+def test_train_config_checks_its_model_when_built(tmp_path):
+    """These reached the model build (after the tokenizer and data) or a raw TypeError before."""
+    for model, field, message in (([1], "model", "must be an object"),
+                                  ({"hiden_size": 64}, "model", "unknown ModelConfig fields: hiden_size"),
+                                  ({"max_position_embeddings": 0}, "max_position_embeddings", r"\[2, ")):
+        with pytest.raises(ValueError, match=message) as e:
+            train_preset("tiny", model=model)
+        assert e.value.field == field
+    (tmp_path / "train.json").write_text("[1, 2]")
+    from openseek.train.config import TrainConfig
+    with pytest.raises(ValueError, match="train.json holds list, not a JSON object"):
+        TrainConfig.from_file(tmp_path / "train.json")

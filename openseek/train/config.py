@@ -73,6 +73,8 @@ class TrainConfig:
                     "bool": (lambda x: isinstance(x, bool), "true or false")}.get(f.type)
             if kind is not None:
                 check(kind[0](v), f.name, v, f"must be {kind[1]}", owner="train config ")
+        check(isinstance(self.model, dict), "model", self.model, "must be an object of ModelConfig fields",
+              owner="train config ")
         checks = [
             ("steps", self.steps >= 1, "must be >= 1"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
@@ -91,6 +93,8 @@ class TrainConfig:
         ]
         for name, ok, allowed in checks:
             check(ok, name, getattr(self, name), allowed, owner="train config ")
+        if self.init is None:
+            self.model_config()  # the architecture's own checks, now rather than after the tokenizer and data
 
     def check_world(self, world_size: int) -> None:
         """Raise FieldError unless the batch (and with expert_parallel the experts) split over world_size ranks."""
@@ -111,6 +115,9 @@ class TrainConfig:
         if self.init is not None:
             return ModelConfig.from_file(self.init)
         m = dict(self.model)
+        unknown = sorted(set(m) - {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"})
+        check(not unknown, "model", self.model, f"unknown ModelConfig fields: {', '.join(unknown)}",
+              owner="train config ")
         m["vocab_size"] = self.vocab_size
         m.setdefault("max_position_embeddings", max(4096, self.seq_len))
         return ModelConfig(**m)
@@ -124,6 +131,8 @@ class TrainConfig:
             d = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read train config {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"train config {path} holds {type(d).__name__}, not a JSON object of TrainConfig fields")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"train config {path} has unknown fields: {', '.join(sorted(unknown))}")
