@@ -45,6 +45,10 @@ def test_pool_refcounts_and_prefix_lookup():
     assert pool.cached == {}
 
 
+def test_an_empty_pool_reports_zero_usage():
+    assert BlockPool(0).usage() == 0.0  # was a ZeroDivisionError
+
+
 def test_allocating_more_than_free_raises():
     with pytest.raises(RuntimeError, match="cannot allocate 5 blocks: 4 free"):
         BlockPool(4).allocate(5)

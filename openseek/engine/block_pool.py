@@ -100,4 +100,4 @@ class BlockPool:
         self.hash_of = [None] * self.num_blocks
 
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - len(self.free) / self.num_blocks if self.num_blocks else 0.0

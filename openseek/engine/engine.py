@@ -72,6 +72,10 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         mcfg = model.config
         self.max_model_len = config.model_len(mcfg.max_position_embeddings)
+        if self.max_model_len < 2:  # else a dead engine: no prompt fits, and 0 would mean a cache of 0 blocks
+            source = "" if config.max_model_len else f" (from max_position_embeddings={mcfg.max_position_embeddings})"
+            raise FieldError("max_model_len", self.max_model_len, f"must be at least 2{source}: a prompt token and "
+                             "a generated one", "config field ")
         if self.max_model_len > mcfg.max_position_embeddings:
             raise FieldError("max_model_len", self.max_model_len, f"must not exceed the model's "
                              f"max_position_embeddings ({mcfg.max_position_embeddings})", "config field ")
