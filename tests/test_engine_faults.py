@@ -170,3 +170,13 @@ def test_llm_generate_returns_the_errored_request_and_keeps_working(loaded, monk
     assert idle_and_whole(llm.llm_engine)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == fresh
     assert idle_and_whole(llm.llm_engine)
+
+
+def test_a_tiny_temperature_beside_other_requests_is_greedy(loaded):
+    # temperature=1e-46 is 0 in float32: it made NaN weights and the step raised for every request in flight
+    engine = new_engine(loaded)
+    add(engine, {"a": SEEDED, "b": SamplingParams(temperature=1e-46, max_tokens=6, ignore_eos=True), "c": GREEDY})
+    done, _ = run(engine)
+    assert done["b"].outputs[0].token_ids == alone(loaded, PROMPTS["b"], GREEDY)
+    assert done["a"].outputs[0].token_ids == alone(loaded, PROMPTS["a"], SEEDED)
+    assert all(o.error is None for o in done.values()) and idle_and_whole(engine)
