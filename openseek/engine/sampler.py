@@ -73,7 +73,7 @@ class SamplingParams:
 
         must(is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
         must(is_number(self.temperature) and 0 <= self.temperature <= F32_MAX, "temperature",
-             f"a number in [0, {F32_MAX:.4g}] (below {GREEDY_TEMPERATURE:g} = greedy)")
+             f"a number in [0, {F32_MAX:g}] (below {GREEDY_TEMPERATURE:g} = greedy)")
         must(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         must(is_int(self.top_k) and self.top_k >= -1, "top_k", "an integer >= 1, or 0 / -1 for off")
         must(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
@@ -167,8 +167,8 @@ def _finite_rows(logits: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor,
     such row; the others are returned untouched. A failed row becomes uniform, a placeholder that draws in range.
     """
     rows = (~torch.isfinite(top)).nonzero().squeeze(1)
-    fixed = torch.nan_to_num(logits[rows], nan=-math.inf, posinf=F32_MAX, neginf=-math.inf)  # (b, V)
-    empty = fixed.amax(dim=-1) == -math.inf  # (b,)
+    fixed = torch.nan_to_num(logits[rows], nan=-math.inf, posinf=F32_MAX, neginf=-math.inf)  # (B, V), those rows only
+    empty = fixed.amax(dim=-1) == -math.inf  # (B,)
     fixed[empty] = 0.0
     return logits.index_put((rows,), fixed), rows[empty].tolist()  # a new tensor: the caller's stays as it was
 
