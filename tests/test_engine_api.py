@@ -124,6 +124,18 @@ def test_a_cache_too_large_to_allocate_is_a_config_error(folder):
     assert e.value.field == "kv_cache_memory" and "could not be allocated" in str(e.value)
 
 
+@pytest.mark.parametrize("max_position_embeddings, max_model_len", [(0, None), (4096, 1)])
+def test_a_context_with_no_room_to_generate_is_a_config_error(folder, monkeypatch, max_position_embeddings,
+                                                               max_model_len):
+    # max_position_embeddings 0 built an engine of 0 blocks (stats() divided by zero); max_model_len 1 one that
+    # refused every prompt
+    model = load_pretrained(folder)
+    monkeypatch.setattr(model.config, "max_position_embeddings", max_position_embeddings)
+    with pytest.raises(FieldError) as e:
+        LLMEngine(model, None, EngineConfig(max_model_len=max_model_len))
+    assert e.value.field == "max_model_len" and "at least 2" in str(e.value)
+
+
 def test_llm_keywords_and_cli_flags_are_engine_config_fields(folder):
     llm = LLM(folder, config=EngineConfig(block_size=8), max_num_seqs=3)
     assert (llm.llm_engine.config.block_size, llm.llm_engine.config.max_num_seqs) == (8, 3)

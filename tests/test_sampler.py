@@ -10,6 +10,8 @@ import torch
 
 from openseek.engine.sampler import SampleResult, SamplingParams, _inverse_cdf, sample
 
+INF, NAN = math.inf, math.nan
+
 
 def run(logits, params, generators=None, prompt_ids=None, output_ids=None, eos=None) -> SampleResult:
     B = logits.shape[0]
@@ -37,6 +39,8 @@ def naive_log_softmax(row: list[float]) -> list[float]:
     ("max_tokens", 1.5), ("n", 0), ("logprobs", 21), ("logprobs", -1), ("min_p", 1.5), ("repetition_penalty", 0.0),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("min_tokens", -1), ("temperature", float("nan")),
     ("stop", [""]), ("stop", [1]), ("stop_token_ids", [-1]), ("seed", 1.0), ("n", True), ("ignore_eos", 1),
+    ("temperature", float("inf")), ("temperature", 1e39), ("repetition_penalty", 1e-45), ("repetition_penalty", 1e-3),
+    ("repetition_penalty", 101.0), ("top_p", float("nan")), ("min_p", float("inf")),
 ])
 def test_invalid_field_raises_value_error_naming_it(field, value):
     with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r} is invalid: must be")):
@@ -133,6 +137,61 @@ def test_extreme_logits_and_tiny_temperature_stay_finite():
                        SamplingParams(temperature=300.0, top_p=0.99)])
     assert out.token_ids[0] == 1 and out.token_ids[1] in (1, 4)  # only 500 and 499 carry mass at T=1
     assert out.token_ids[2] in (0, 1, 2, 4)  # -inf never, whatever the temperature
+
+
+def test_temperature_below_1e_5_is_greedy_and_a_huge_one_draws_nearly_uniformly():
+    # 1e-46 is 0 in float32: dividing by it made NaN weights, and the draw indexed past the vocabulary
+    torch.manual_seed(5)
+    logits = torch.randn(4, 300) * 3
+    best = logits.argmax(dim=-1).tolist()
+    for t in (1e-46, 1e-30, 9e-6):
+        assert SamplingParams(temperature=t).greedy
+        assert run(logits, [SamplingParams(temperature=t, top_p=0.5)] * 4).token_ids == best
+    assert not SamplingParams(temperature=1e-5).greedy
+    flat = run(logits[:1].expand(3000, -1), [SamplingParams(temperature=1e30)] * 3000).token_ids
+    assert len(set(flat)) > 270  # 3000 uniform draws over 300 tokens miss about 0.01 of them
+    assert run(logits, [SamplingParams(temperature=3e38)] * 4).token_ids  # float32's largest still draws
+
+
+def test_tiny_and_huge_repetition_penalties_stay_finite():
+    logits = torch.tensor([[3e37, 1.0, -3e37, 2.0]])
+    for penalty in (0.01, 100.0):  # 0.01 makes token 0's logit +inf (inf - inf was NaN); 100 makes token 2's -inf
+        params = SamplingParams(temperature=0, repetition_penalty=penalty, logprobs=2)
+        out = run(logits, [params], prompt_ids=[[0, 2]])
+        assert out.token_ids == [0] and out.logprobs == [0.0] and out.failed == []
+        drawn = run(logits, [SamplingParams(repetition_penalty=penalty)], prompt_ids=[[0, 2]])
+        assert drawn.token_ids == [0] and drawn.failed == []
+
+
+def test_non_finite_rows_do_not_change_the_other_rows():
+    torch.manual_seed(6)
+    V = 600
+    healthy = torch.randn(3, V) * 2
+    sick = torch.randn(5, V)
+    sick[0] = NAN  # a forward pass that went NaN
+    sick[1, [10, 400]] = INF  # +inf: those tokens share the row's mass
+    sick[2] = -INF  # nothing can be drawn
+    sick[3, ::2] = NAN  # NaN logits are never drawn
+    sick[4, 7] = INF
+    sick[4, 8] = NAN
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=1), SamplingParams(temperature=0, logprobs=2),
+              SamplingParams(top_k=20, repetition_penalty=1.2, seed=2)]
+    for p in params:
+        alone = [run(healthy[i:i + 1], [p], [torch.Generator().manual_seed(i)], [[1, 2]]).token_ids[0]
+                 for i in range(3)]
+        mixed = torch.cat([healthy[:1], sick[:3], healthy[1:2], sick[3:], healthy[2:]])  # healthy at rows 0, 4, 7
+        gens = [torch.Generator().manual_seed(i) for i in (0, 9, 9, 9, 1, 9, 9, 2)]
+        out = run(mixed, [p] * 8, gens, [[1, 2]] * 8)
+        assert [out.token_ids[i] for i in (0, 4, 7)] == alone
+        assert out.failed == [1, 3]  # the all-NaN and the all--inf rows
+        assert out.token_ids[2] in (10, 400) and out.token_ids[5] % 2 == 1 and out.token_ids[6] == 7
+        assert all(0 <= t < V for t in out.token_ids)
+
+
+def test_inverse_cdf_stays_in_range_on_rows_without_finite_mass():
+    w = torch.tensor([[NAN] * 300, [0.0] * 300, [INF] + [1.0] * 299, [1.0] * 300])  # 300: a partial last block
+    u = torch.full((4,), 0.999, dtype=torch.float64)
+    assert all(0 <= t < 300 for t in _inverse_cdf(w, u).tolist())
 
 
 def test_inverse_cdf_never_lands_on_a_token_without_mass():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+
 import pytest
 
-from openseek.engine.block_pool import BlockPool
+from openseek.engine.block_pool import BlockPool, block_hash
 from openseek.engine.scheduler import Scheduler
 from openseek.engine.sequence import Sequence, Status
 
@@ -29,17 +32,21 @@ def run_step(sched: Scheduler, next_token=7):
 def test_pool_refcounts_and_prefix_lookup():
     pool = BlockPool(4)
     a = pool.allocate(2)
-    pool.register(a[0], 111)
+    pool.register(a[0], b"111")
     assert pool.num_free == 2
-    assert pool.lookup([111, 222]) == [a[0]]  # only the leading hit
+    assert pool.lookup([b"111", b"222"]) == [a[0]]  # only the leading hit
     assert pool.ref_count[a[0]] == 2
     pool.release(a)
     pool.release([a[0]])
     assert pool.num_free == 4
-    assert pool.lookup([111]) == [a[0]]  # a freed block stays findable until reused
+    assert pool.lookup([b"111"]) == [a[0]]  # a freed block stays findable until reused
     pool.release([a[0]])
     pool.allocate(4)  # reuse evicts its hash
     assert pool.cached == {}
+
+
+def test_an_empty_pool_reports_zero_usage():
+    assert BlockPool(0).usage() == 0.0  # was a ZeroDivisionError
 
 
 def test_allocating_more_than_free_raises():
@@ -90,6 +97,29 @@ def test_prefix_hit_reuses_full_blocks_only():
     # blocks [0..3] and [4..7] are shared; token 8 onward is recomputed
     assert second.num_cached_prompt == 8 and batch.num_new == [3]
     assert second.block_table[:2] == first_blocks(pool, 2)
+
+
+def test_blocks_whose_python_hashes_collide_are_not_confused():
+    # hash(-1) == hash(-2) in CPython, so hash((parent, tokens)), the old block hash, is equal for these two
+    # blocks, and the second prompt was served the first one's cache
+    assert hash((None, (-1,) * 4)) == hash((None, (-2,) * 4))
+    pool, sched = make(block_size=4)
+    sched.add(Sequence("a", [-1] * 4 + [5], max_tokens=1))
+    run_step(sched)
+    other = Sequence("b", [-2] * 4 + [5], max_tokens=1)
+    sched.add(other)
+    assert sched.schedule().num_new == [5] and other.num_cached_prompt == 0
+
+
+def test_block_hash_is_sha256_chained_over_the_token_ids():
+    ids = [[3, 1, 4, 1], [5, 9, 2, 6], [5, 3, 5, 8]]
+    seq = Sequence("a", sum(ids, []) + [9], max_tokens=1)
+    want, parent = [], bytes(32)  # the root's parent: 32 zero bytes
+    for block in ids:
+        parent = hashlib.sha256(parent + array("q", block).tobytes()).digest()
+        want.append(parent)
+    assert seq.hashes_through(13, 4) == want
+    assert block_hash(None, (2**40, 7)) != block_hash(None, (7, 2**40)) and len(want[0]) == 32
 
 
 def first_blocks(pool: BlockPool, n: int) -> list[int]:

@@ -7,11 +7,21 @@ stay findable until they are reused (least recently freed first).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
+
+ROOT = bytes(32)  # the parent of a prompt's first block
 
 
-def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
+def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """sha256 of the parent block's hash and this block's token ids (int64), as vLLM chains its block hashes.
+
+    A collision means serving another prompt's cache, so the hash is collision-resistant: Python's 64-bit hash()
+    is not (hash(-1) == hash(-2), and tuple hashes can be solved for), and the digest costs ~1 us a block.
+    """
+    return hashlib.sha256((parent or ROOT) + array("q", token_ids).tobytes()).digest()
 
 
 class BlockPool:
@@ -19,8 +29,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         # Blocks with no user, oldest first; a cached one among them can still be revived by a prefix hit.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
@@ -50,7 +60,7 @@ class BlockPool:
             if self.ref_count[b] == 0:
                 self.free[b] = None
 
-    def lookup(self, hashes: list[int]) -> list[int]:
+    def lookup(self, hashes: list[bytes]) -> list[int]:
         """The cached blocks for the longest run of leading hashes; each gains a reference."""
         out = []
         if not self.enable_prefix_caching:
@@ -65,7 +75,7 @@ class BlockPool:
             out.append(b)
         return out
 
-    def count_hits(self, hashes: list[int]) -> tuple[int, int]:
+    def count_hits(self, hashes: list[bytes]) -> tuple[int, int]:
         """(leading hashes cached, how many of those blocks are currently free) without taking them."""
         hits = free_hits = 0
         if self.enable_prefix_caching:
@@ -77,7 +87,7 @@ class BlockPool:
                 free_hits += self.ref_count[b] == 0
         return hits, free_hits
 
-    def register(self, block: int, h: int) -> None:
+    def register(self, block: int, h: bytes) -> None:
         """Mark a just-filled block as holding the prefix with hash h."""
         if not self.enable_prefix_caching or h in self.cached or self.hash_of[block] is not None:
             return
@@ -90,4 +100,4 @@ class BlockPool:
         self.hash_of = [None] * self.num_blocks
 
     def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
+        return 1.0 - len(self.free) / self.num_blocks if self.num_blocks else 0.0

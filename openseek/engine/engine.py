@@ -7,10 +7,14 @@
 
 A request fans out into `n` sequences here (completion j draws with seed + j), admission is bounded here
 (`max_waiting`), and `stats()` is what a server reports; the server adds nothing of its own.
+
+A failure stays with the requests it concerns: they finish with finish_reason "error" and the reason in `error`
+(their blocks freed), the rest of the batch goes on, and `step` raises for no single request.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -23,13 +27,16 @@ from ..tokenizer import Tokenizer
 from ..validation import FieldError
 from .block_pool import BlockPool
 from .config import EngineConfig
-from .output_processor import RequestState, StepOutput
+from .output_processor import Logprobs, RequestState, StepOutput
 from .runner import ModelRunner
 from .sampler import SamplingParams, sample
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
 
+logger = logging.getLogger(__name__)
+
 Prompt = str | dict[str, Any] | list[int]  # text, {"prompt_token_ids": [...]}, or token ids
+NO_FINITE_LOGIT = "sampling failed: the model gave no finite logit for this sequence (NaN or -inf everywhere)"
 
 
 class QueueFull(Exception):
@@ -42,6 +49,13 @@ class EngineStats:
     running: int
     cache_usage: float  # fraction of cache blocks held by sequences
     generation_tokens: int  # since start, aborted requests' included
+
+
+@dataclass(slots=True)
+class _Pick:
+    token: int
+    logprobs: Logprobs | None
+    error: str | None = None  # set when this row could not be sampled; token is then meaningless
 
 
 @dataclass(slots=True)
@@ -58,6 +72,10 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         mcfg = model.config
         self.max_model_len = config.model_len(mcfg.max_position_embeddings)
+        if self.max_model_len < 2:  # else a dead engine: no prompt fits, and 0 would mean a cache of 0 blocks
+            source = "" if config.max_model_len else f" (from max_position_embeddings={mcfg.max_position_embeddings})"
+            raise FieldError("max_model_len", self.max_model_len, f"must be at least 2{source}: a prompt token and "
+                             "a generated one", "config field ")
         if self.max_model_len > mcfg.max_position_embeddings:
             raise FieldError("max_model_len", self.max_model_len, f"must not exceed the model's "
                              f"max_position_embeddings ({mcfg.max_position_embeddings})", "config field ")
@@ -176,36 +194,112 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """One scheduled forward pass; a delta per sequence that sampled a token."""
+        """One scheduled forward pass; a delta per sequence that sampled a token, and the last deltas of failed
+        requests (a failed forward pass fails every request in its batch)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        run = self.runner.run(batch)
-        for i, chunk in run.chunk_logits.items():
-            seq = batch.seqs[i]
-            self.requests[seq.request_id].state.record_prompt_logprobs(seq.num_computed, chunk)
-        self.scheduler.after_step(batch)
-        seqs = [seq for i, seq in enumerate(batch.seqs) if batch.samples[i]]
-        if not seqs:
-            return []
-        reqs = [self.requests[seq.request_id] for seq in seqs]
-        params = [r.state.params for r in reqs]
-        result = sample(run.sample_logits, params, [r.generators[s.index] for r, s in zip(reqs, seqs)],
-                        [s.prompt_ids for s in seqs], [s.output_ids for s in seqs], self.eos_token_id)
+        try:
+            run = self.runner.run(batch)
+            failed = self._record_prompt_logprobs(batch, run.chunk_logits)
+            self.scheduler.after_step(batch)
+        except Exception as e:
+            logger.exception("a step over %d sequences failed; failing their requests", len(batch.seqs))
+            return self._fail(dict.fromkeys([seq.request_id for seq in batch.seqs], _why("forward pass", e)))
+        sampled = [seq for i, seq in enumerate(batch.seqs) if batch.samples[i]]  # one per row of sample_logits
+        keep = [k for k, seq in enumerate(sampled) if seq.request_id not in failed]
+        if not keep:
+            return self._fail(failed)
+        seqs = [sampled[k] for k in keep]
+        logits = run.sample_logits if len(keep) == len(sampled) else run.sample_logits[keep]  # (B, V)
+        picks = self._sample(logits, seqs)
         self._generation_tokens += len(seqs)
         outs = []
-        for k, (seq, req) in enumerate(zip(seqs, reqs)):
+        for seq, pick in zip(seqs, picks):
+            if seq.request_id in failed:
+                continue  # another completion of this request failed earlier in this loop
+            if pick.error is not None:
+                failed[seq.request_id] = pick.error
+                continue
+            try:
+                outs.append(self._emit(seq, pick))
+            except Exception as e:
+                logger.exception("processing the output of request %r failed", seq.request_id)
+                failed[seq.request_id] = _why("output processing", e)
+        return outs + self._fail(failed)
+
+    def _record_prompt_logprobs(self, batch: ScheduledBatch, chunk_logits: dict) -> dict[str, str]:
+        """Prompt logprobs of this step's prefill chunks; the requests whose recording failed, with why."""
+        failed = {}
+        for i, chunk in chunk_logits.items():
+            seq = batch.seqs[i]
+            try:
+                self.requests[seq.request_id].state.record_prompt_logprobs(seq.num_computed, chunk)
+            except Exception as e:
+                logger.exception("prompt logprobs of request %r failed", seq.request_id)
+                failed[seq.request_id] = _why("prompt logprobs", e)
+        return failed
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[_Pick]:
+        """One pick per row of logits (B, V). A batch that raises is sampled again row by row, so the failure stays
+        with the row that caused it (a retried row draws a fresh uniform: same distribution, not the same draw)."""
+        try:
+            return self._picks(logits, seqs)
+        except Exception:
+            logger.exception("sampling %d rows failed; sampling each row alone", len(seqs))
+        picks = []
+        for k, seq in enumerate(seqs):
+            try:
+                picks += self._picks(logits[k:k + 1], [seq])
+            except Exception as e:
+                logger.exception("sampling request %r failed", seq.request_id)
+                picks.append(_Pick(0, None, _why("sampling", e)))
+        return picks
+
+    def _picks(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[_Pick]:
+        reqs = [self.requests[seq.request_id] for seq in seqs]
+        params = [r.state.params for r in reqs]
+        result = sample(logits, params, [r.generators[s.index] for r, s in zip(reqs, seqs)],
+                        [s.prompt_ids for s in seqs], [s.output_ids for s in seqs], self.eos_token_id)
+        picks = []
+        for k, p in enumerate(params):
             lp = None
-            if result.logprobs is not None and params[k].logprobs is not None:
+            if result.logprobs is not None and p.logprobs is not None:
                 lp = {result.token_ids[k]: result.logprobs[k], **dict(result.top_logprobs[k])}
-            seq.output_ids.append(result.token_ids[k])
-            out = req.state.append(seq.index, result.token_ids[k], lp, self.eos_token_id)
-            if out.finished:
-                self.scheduler.finish(seq, out.finish_reason)
-            if out.output is not None:
-                del self.requests[seq.request_id]
-            outs.append(out)
+            picks.append(_Pick(result.token_ids[k], lp))
+        for k in result.failed:
+            logger.error("request %r: %s", seqs[k].request_id, NO_FINITE_LOGIT)
+            picks[k].error = NO_FINITE_LOGIT
+        return picks
+
+    def _emit(self, seq: Sequence, pick: _Pick) -> StepOutput:
+        """Append a sampled token to its sequence and request: the delta, finishing what it ends."""
+        req = self.requests[seq.request_id]
+        seq.output_ids.append(pick.token)
+        out = req.state.append(seq.index, pick.token, pick.logprobs, self.eos_token_id)
+        if out.finished:
+            self.scheduler.finish(seq, out.finish_reason)
+        if out.output is not None:
+            del self.requests[seq.request_id]
+        return out
+
+    def _fail(self, errors: dict[str, str]) -> list[StepOutput]:
+        """Finish every sequence of each failed request with "error", freeing its blocks: their last deltas."""
+        outs = []
+        for request_id, error in errors.items():
+            req = self.requests.pop(request_id, None)
+            if req is None:
+                continue  # it had already ended in this step
+            for seq in req.state.seqs:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.finish(seq, "error")
+            outs += req.state.fail(error)
         return outs
+
+
+def _why(what: str, e: Exception) -> str:
+    """The error a failed request reports: which part failed, and the exception."""
+    return f"{what} failed: {type(e).__name__}: {e}"
 
 
 def _as_int(v: int | list[int] | None) -> int | None:

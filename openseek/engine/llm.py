@@ -43,7 +43,9 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Generate for each prompt; outputs in prompt order, each with params.n completions.
 
-        Prompts are queued as the engine's waiting queue allows; if one is rejected, the others are aborted.
+        Prompts are queued as the engine's waiting queue allows; if one is rejected, the others are aborted. A
+        request the engine failed (vLLM-like) comes back with finish_reason "error" and the reason in `error`; the
+        others are unaffected.
         """
         params, engine = sampling_params or SamplingParams(), self.llm_engine
         single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts

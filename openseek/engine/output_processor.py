@@ -79,6 +79,7 @@ class RequestState:
                         if tokenizer else None) for seq in seqs]
         self.prompt_logprobs = None if params.prompt_logprobs is None else [None] * len(self.prompt_ids)
         self.unfinished = len(seqs)
+        self.error: str | None = None  # why the engine failed this request
 
     def record_prompt_logprobs(self, start: int, chunk: torch.Tensor) -> None:
         """Logprobs of the prompt tokens that a prefill chunk from position `start` predicts (entry 0 stays None)."""
@@ -125,13 +126,25 @@ class RequestState:
         if c.finish_reason is None:
             c.finish_reason, self.unfinished = reason, self.unfinished - 1
 
+    def fail(self, error: str) -> list[StepOutput]:
+        """End every unfinished completion with "error": their last deltas, the final one carrying the output."""
+        self.error = error
+        open_ = [j for j, c in enumerate(self.completions) if c.finish_reason is None]
+        for j in open_:
+            self.finish(j, "error")
+        # no completion left open (a failure after the last one finished): the output still has to reach the client
+        outs = [StepOutput(self.request_id, j, [], "", True, "error", error=error)
+                for j in open_ or [len(self.completions) - 1]]
+        outs[-1].output = self.output()
+        return outs
+
     def output(self) -> RequestOutput:
         """The request as it stands: every completion's full text, token ids and logprobs."""
         outs = [CompletionOutput(j, c.text, list(c.seq.output_ids), c.finish_reason,
                                  c.logprobs if self.params.logprobs is not None else None)
                 for j, c in enumerate(self.completions)]
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.unfinished == 0,
-                             self.seqs[0].num_cached_prompt, self.prompt_logprobs)
+                             self.seqs[0].num_cached_prompt, self.prompt_logprobs, self.error)
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:

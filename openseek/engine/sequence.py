@@ -24,7 +24,7 @@ class Sequence:
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose latents are in the cache
-    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks so far
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of the full blocks so far
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at the last admission
     arrival: int = 0  # admission order, kept across preemption so nobody starves
     needs_all_logits: bool = False  # prompt logprobs: compute every prompt token, no prefix-cache hits
@@ -42,7 +42,7 @@ class Sequence:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
-    def hashes_through(self, num_tokens: int, block_size: int) -> list[int]:
+    def hashes_through(self, num_tokens: int, block_size: int) -> list[bytes]:
         """Chained hashes of every full block within the first num_tokens tokens (extends the memo)."""
         full = num_tokens // block_size
         ids = None
@@ -50,5 +50,5 @@ class Sequence:
             ids = ids or self.token_ids
             k = len(self.block_hashes)
             parent = self.block_hashes[-1] if k else None
-            self.block_hashes.append(block_hash(parent, tuple(ids[k * block_size:(k + 1) * block_size])))
+            self.block_hashes.append(block_hash(parent, ids[k * block_size:(k + 1) * block_size]))
         return self.block_hashes[:full]
