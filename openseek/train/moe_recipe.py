@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,9 @@ class MoERecipe:
     drop_exempt_fraction: float = 0.1
     seq_aux_alpha: float = 0.0
     bias_update_speed: float = 0.0
+    # training sequences seen so far over the run and all ranks: the run-wide numbering of the exempt sequences
+    sequences: int = field(default=0, init=False)
+    _first: int = field(default=0, init=False, repr=False)  # the run-wide index of this forward's first sequence
     _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
     _records: dict[str, _LayerRecord] = field(default_factory=dict, init=False, repr=False)
     _bias_load: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
@@ -91,9 +95,18 @@ class MoERecipe:
                 self._records.pop(name, None)
                 self._bias_load.pop(name, None)
 
-    def reset(self) -> None:
-        """Forget losses, loads and drops (call before each forward). Bias-update loads persist until update_bias."""
+    def reset(self, first_sequence: int = 0) -> None:
+        """Forget losses, loads and drops (call before each forward). Bias-update loads persist until update_bias.
+        first_sequence: the run-wide index of the forward's first sequence, which numbers the exempt ones."""
         self._records.clear()
+        self._first = first_sequence
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint keeps for an exact resume: the count of training sequences."""
+        return {"sequences": self.sequences}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sequences = state["sequences"]
 
     # ---- results -----------------------------------------------------------------------------------------------
 
@@ -192,10 +205,12 @@ class MoERecipe:
         return out
 
     def _exempt(self, B: int, device: torch.device) -> torch.Tensor:
-        """(B,) True for the sequences never dropped: evenly spaced, floor(B * fraction) of them."""
-        b = torch.arange(B, device=device, dtype=torch.float64)
-        f = self.drop_exempt_fraction
-        return torch.floor((b + 1) * f + 1e-9) > torch.floor(b * f + 1e-9)
+        """(B,) True for the sequences never dropped: run-wide sequence g when floor((g+1) f) > floor(g f), so any
+        n consecutive sequences of a run hold floor(n f) or ceil(n f), whatever the micro-batch size (a count
+        floored per micro-batch exempted none below 1/f sequences)."""
+        p, q = Fraction(self.drop_exempt_fraction).limit_denominator(1 << 20).as_integer_ratio()  # exact integers
+        g = torch.arange(self._first, self._first + B, device=device, dtype=torch.int64)
+        return (g + 1) * p // q > g * p // q
 
     def _drop_mask(self, aff_NK: torch.Tensor, ids_NK: torch.Tensor, E: int, B: int) -> torch.Tensor:
         """(N, K) True for the pairs dropped: on each over-budget device its lowest-affinity non-exempt pairs."""
