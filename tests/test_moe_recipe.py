@@ -407,3 +407,34 @@ def test_ranks_exempt_the_sequences_one_process_exempts():
     one = kept_sequences(2, 40)
     two = {**kept_sequences(2, 40, rank=0, size=2), **kept_sequences(2, 40, rank=1, size=2)}
     assert two == one and [i for i in range(40) if one[i]] == [9, 19, 29, 39]
+
+
+def test_evaluation_between_steps_leaves_the_bias_update_alone():
+    """Validation forwards added their expert loads to those pending for V3's bias update: the first update after
+    each validation counted validation routing."""
+    from openseek.train.config import TRAIN_PRESETS, train_preset
+    from openseek.train.step import build_optimizer, build_recipe, evaluate, init_weights, train_step
+
+    v3 = {**TRAIN_PRESETS["tiny"]["model"], "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+          "norm_topk_prob": True}
+    cfg = train_preset("tiny", model=v3, vocab_size=64, seq_len=8, batch_size=4, bias_update_speed=0.01)
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, 64, (4, 9), generator=g) for _ in range(3)]
+    val = torch.randint(0, 64, (16, 9), generator=g)  # more tokens than a step's: its loads would dominate
+
+    def biases(validate: bool) -> list[torch.Tensor]:
+        model = Transformer(cfg.model_config())
+        init_weights(model, 0.05, 0)
+        recipe = build_recipe(cfg)
+        recipe.install(model)
+        opt = build_optimizer(model, cfg)
+        for i, x in enumerate(steps):
+            if validate and i > 0:
+                evaluate(model, [(val[:, :-1], val[:, 1:])], torch.float32)
+            train_step(model, opt, recipe, [(x[:, :-1], x[:, 1:])], cfg, cfg.lr, torch.float32)
+        return [m.gate.bias.clone() for m in model.modules() if isinstance(m, MoE)]
+
+    plain, validated = biases(False), biases(True)
+    assert any((b != 0).any() for b in plain)
+    for a, b in zip(plain, validated):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -138,7 +138,8 @@ class MoERecipe:
         return out
 
     def loads(self) -> dict[str, torch.Tensor]:
-        """Per-layer expert loads pending for update_bias (all-reduce these in place across data-parallel ranks)."""
+        """Per-layer expert loads of the training forwards pending for update_bias (all-reduce these in place across
+        data-parallel ranks)."""
         return self._bias_load
 
     @torch.no_grad()
@@ -167,7 +168,7 @@ class MoERecipe:
         rec.losses = self._losses(scores_NE.view(B, S, E), ids_NK.view(B, S, -1))
         load_E = torch.bincount(ids_NK.flatten(), minlength=E).detach()
         rec.load_E = load_E if rec.load_E is None else rec.load_E + load_E
-        if self.bias_update_speed > 0:
+        if self.bias_update_speed > 0 and moe.training:  # only training tokens move the bias, not validation's
             prev = self._bias_load.get(name)
             self._bias_load[name] = load_E if prev is None else prev + load_E
         drop_NK = torch.zeros_like(ids_NK, dtype=torch.bool)
