@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from openseek.config import ModelConfig
 from openseek.model import Transformer
 from openseek.model.moe import MoE, Router
+from openseek.train.config import TRAIN_PRESETS
 from openseek.train.moe_recipe import MoERecipe
 
 B, S, E, K, G, M = 2, 4, 8, 2, 4, 2  # 2 sequences x 4 tokens, 8 experts, top-2, 4 devices, limit 2
@@ -438,3 +440,42 @@ def test_evaluation_between_steps_leaves_the_bias_update_alone():
     assert any((b != 0).any() for b in plain)
     for a, b in zip(plain, validated):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("G, limit, K, message", [
+    (4, 2, 2, "device_limit=2 >= num_experts_per_tok=2: .* never binds"),  # the old `small` preset
+    (2, 2, 3, "device_limit=2 = n_devices=2 keeps every device group"),
+])
+def test_install_warns_when_the_device_limit_cannot_bind(G, limit, K, message, caplog):
+    moe = MoE(tiny_cfg(num_experts_per_tok=K))
+    with caplog.at_level("WARNING", logger="openseek.train.moe_recipe"):
+        MoERecipe(n_devices=G, device_limit=limit).install(moe)
+    assert len(caplog.records) == 1 and re.search(message, caplog.text), caplog.text
+
+
+def test_install_is_silent_when_the_limit_binds_or_none_is_asked(caplog):
+    with caplog.at_level("WARNING", logger="openseek.train.moe_recipe"):
+        MoERecipe().install(MoE(tiny_cfg()))
+        MoERecipe(n_devices=4, device_limit=1).install(MoE(tiny_cfg()))
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("preset", [name for name, p in TRAIN_PRESETS.items() if p.get("n_devices", 1) > 1])
+def test_presets_with_device_groups_limit_some_tokens_routing(preset, caplog):
+    """The `small` preset routed its top-2 to at most 2 of 4 device groups: a limit that changed no selection."""
+    from openseek.train.config import train_preset
+    from openseek.train.step import build_recipe
+
+    cfg = train_preset(preset)
+    moe = MoE(cfg.model_config())
+    torch.manual_seed(0)
+    torch.nn.init.normal_(moe.gate.weight)
+    x = torch.randn(256, moe.gate.weight.shape[1])
+    free = moe.gate(x)[1]
+    with caplog.at_level("WARNING", logger="openseek.train.moe_recipe"):
+        build_recipe(cfg).install(moe)
+    assert not caplog.records
+    limited = moe.gate(x)[1]
+    per_group = moe.gate.weight.shape[0] // cfg.n_devices
+    assert max(len({i // per_group for i in row}) for row in limited.tolist()) <= cfg.device_limit
+    assert any(set(a) != set(b) for a, b in zip(free.tolist(), limited.tolist()))

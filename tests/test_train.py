@@ -48,7 +48,7 @@ def read(out):
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
-    cfg = tiny(corpus, capacity_factor=1.0, alpha2=0.05, alpha3=0.02, n_devices=4, device_limit=2)
+    cfg = tiny(corpus, capacity_factor=1.0, alpha2=0.05, alpha3=0.02, n_devices=4, device_limit=1)
     whole = tmp_path / "whole"
     train(cfg, whole, progress=False)
     split = tmp_path / "split"

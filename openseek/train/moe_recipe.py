@@ -11,6 +11,7 @@ the router's groups).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -22,6 +23,7 @@ from torch import nn
 from ..model.moe import MoE
 from ..validation import check, is_int, is_number
 
+log = logging.getLogger(__name__)
 LOSS_NAMES = ("expert_balance", "device_balance", "comm_balance", "seq_balance")
 
 
@@ -80,10 +82,24 @@ class MoERecipe:
             check(self.bias_update_speed == 0 or moe.gate.bias is not None, "bias_update_speed",
                   self.bias_update_speed, f"needs routers with a selection bias (topk_method 'noaux_tc'); "
                   f"layer {name} has none")
+        if layers:
+            self._warn_if_unbound(max(moe.gate.top_k for _, moe in layers))
         for name, moe in layers:
             moe.route_hook = self._hook
             moe.gate.limit_devices(self.n_devices, self.device_limit)
             self._names[id(moe)] = name
+
+    def _warn_if_unbound(self, top_k: int) -> None:
+        """Say so when device-limited routing was asked for (n_devices > 1) but can change no token's experts."""
+        G, M = self.n_devices, self.device_limit
+        if G == 1:
+            return
+        if M == G:
+            log.warning("device_limit=%d = n_devices=%d keeps every device group: routing is not limited; choose "
+                        "device_limit < n_devices", M, G)
+        elif M >= top_k:
+            log.warning("device_limit=%d >= num_experts_per_tok=%d: a token's %d experts span at most %d device "
+                        "groups, so the limit never binds; choose device_limit < %d", M, top_k, top_k, top_k, top_k)
 
     def remove(self, model: nn.Module) -> None:
         """Unset the route_hook and device limit this recipe installed on `model`'s MoE layers."""
