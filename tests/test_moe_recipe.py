@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -337,3 +338,23 @@ def test_install_rejects_a_device_limit_holding_fewer_than_k_experts():
     with pytest.raises(ValueError, match="device_limit=1 is invalid") as e:
         MoERecipe(n_devices=4, device_limit=1).install(moe)
     assert e.value.field == "device_limit"
+
+
+
+
+@pytest.mark.parametrize("G, limit, K, message", [
+    (4, 2, 2, "device_limit=2 >= num_experts_per_tok=2: .* never binds"),  # the old `small` preset
+    (2, 2, 3, "device_limit=2 = n_devices=2 keeps every device group"),
+])
+def test_install_warns_when_the_device_limit_cannot_bind(G, limit, K, message, caplog):
+    moe = MoE(tiny_cfg(num_experts_per_tok=K))
+    with caplog.at_level("WARNING", logger="openseek.train.moe_recipe"):
+        MoERecipe(n_devices=G, device_limit=limit).install(moe)
+    assert len(caplog.records) == 1 and re.search(message, caplog.text), caplog.text
+
+
+def test_install_is_silent_when_the_limit_binds_or_none_is_asked(caplog):
+    with caplog.at_level("WARNING", logger="openseek.train.moe_recipe"):
+        MoERecipe().install(MoE(tiny_cfg()))
+        MoERecipe(n_devices=4, device_limit=1).install(MoE(tiny_cfg()))
+    assert not caplog.records

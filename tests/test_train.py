@@ -48,11 +48,13 @@ def read(out):
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
-    cfg = tiny(corpus, capacity_factor=1.0, alpha2=0.05, alpha3=0.02, n_devices=4, device_limit=2)
+    cfg = tiny(corpus, capacity_factor=1.0, alpha2=0.05, alpha3=0.02, n_devices=4, device_limit=1)
     whole = tmp_path / "whole"
     train(cfg, whole, progress=False)
     split = tmp_path / "split"
-    assert train(cfg, split, stop_at=5, progress=False) is None  # stops cleanly, no export yet
+    # stopped after 24 sequences, not a multiple of the 10 that hold one exempt from dropping: a resume that
+    # numbered them from 0 again would drop other pairs
+    assert train(cfg, split, stop_at=6, progress=False) is None  # stops cleanly, no export yet
     assert train(cfg, split, resume=True, progress=False) is not None
     a = [(r["step"], r["loss"], r["aux"]) for r in read(whole) if r["kind"] == "train"]
     b = [(r["step"], r["loss"], r["aux"]) for r in read(split) if r["kind"] == "train"]
@@ -167,7 +169,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     (tmp_path / "out" / "checkpoints").mkdir(parents=True)
     torch.save({"step": 1, "config": _Planted(marker)}, tmp_path / "out" / "checkpoints" / "ckpt-0000001.pt")
     with pytest.raises(ValueError, match="none of the 1 checkpoints .* loads"):
-        checkpoint.restore(tmp_path / "out", train_preset("tiny"), None, None, None)
+        checkpoint.restore(tmp_path / "out", train_preset("tiny"), None, None, None, None)
     assert not marker.exists()
 
 

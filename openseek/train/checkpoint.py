@@ -21,12 +21,13 @@ from ..tokenizer import TOKENIZER_FILES
 from . import distributed
 from .config import TrainConfig
 from .data import TokenLoader
+from .moe_recipe import MoERecipe
 
 log = logging.getLogger(__name__)
 STATE_KEYS = ("step", "config", "model", "optimizer", "loader", "rng")
 
 def save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer,
-         loader: TokenLoader, world: distributed.World) -> None:
+         loader: TokenLoader, recipe: MoERecipe, world: distributed.World) -> None:
     """OUT/checkpoints/ckpt-{step}.pt in the single-device layout, gathered and written by rank 0 (every rank takes
     part in the gather), atomically and durably (temp file fsynced, renamed, folder fsynced); the newest keep_last
     are kept."""
@@ -34,7 +35,7 @@ def save(out: Path, step: int, cfg: TrainConfig, model: Transformer, opt: torch.
     if not world.is_main:
         return
     state = {"step": step, "config": cfg.to_dict(), "model": model_sd, "optimizer": opt_sd,
-             "loader": loader.state_dict(), "rng": _rng_state()}
+             "loader": loader.state_dict(), "recipe": recipe.state_dict(), "rng": _rng_state()}
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt-{step:07d}.pt"
@@ -57,8 +58,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer, loader: TokenLoader) -> int:
-    """Load the newest readable checkpoint under out into model, optimizer, loader and RNGs; -> its step.
+def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Optimizer, loader: TokenLoader,
+            recipe: MoERecipe) -> int:
+    """Load the newest readable checkpoint under out into model, optimizer, loader, recipe and RNGs; -> its step.
 
     A newest checkpoint that does not load (truncated by a crash, or not a weights-only file) is skipped with a
     warning naming it, for the one before."""
@@ -78,6 +80,8 @@ def restore(out: Path, cfg: TrainConfig, model: Transformer, opt: torch.optim.Op
         raise ValueError(f"{ckpt} was written with another config; resume with the same flags")
     distributed.load_full_state_dicts(model, opt, state["model"], state["optimizer"])
     loader.load_state_dict(state["loader"])
+    # checkpoints from before the recipe had state: every step took batch_size sequences
+    recipe.load_state_dict(state.get("recipe", {"sequences": state["step"] * cfg.batch_size}))
     _set_rng_state(state["rng"])
     return state["step"]
 

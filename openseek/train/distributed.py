@@ -233,6 +233,14 @@ class DataParallel:
     def clip_grad_norm(self, max_norm: float) -> float:
         return clip_grad_norm(self.model, max_norm)
 
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def size(self) -> int:
+        return self.world.size
+
     def close(self) -> None:
         """Release DDP's process group (a caller may run several trainings in one world)."""
         dist.destroy_process_group(self.group)

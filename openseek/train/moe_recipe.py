@@ -11,8 +11,10 @@ the router's groups).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from torch import nn
 from ..model.moe import MoE
 from ..validation import check, is_int, is_number
 
+log = logging.getLogger(__name__)
 LOSS_NAMES = ("expert_balance", "device_balance", "comm_balance", "seq_balance")
 
 
@@ -45,6 +48,9 @@ class MoERecipe:
     drop_exempt_fraction: float = 0.1
     seq_aux_alpha: float = 0.0
     bias_update_speed: float = 0.0
+    # training sequences seen so far over the run and all ranks: the run-wide numbering of the exempt sequences
+    sequences: int = field(default=0, init=False)
+    _first: int = field(default=0, init=False, repr=False)  # the run-wide index of this forward's first sequence
     _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)
     _records: dict[str, _LayerRecord] = field(default_factory=dict, init=False, repr=False)
     _bias_load: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
@@ -76,10 +82,24 @@ class MoERecipe:
             check(self.bias_update_speed == 0 or moe.gate.bias is not None, "bias_update_speed",
                   self.bias_update_speed, f"needs routers with a selection bias (topk_method 'noaux_tc'); "
                   f"layer {name} has none")
+        if layers:
+            self._warn_if_unbound(max(moe.gate.top_k for _, moe in layers))
         for name, moe in layers:
             moe.route_hook = self._hook
             moe.gate.limit_devices(self.n_devices, self.device_limit)
             self._names[id(moe)] = name
+
+    def _warn_if_unbound(self, top_k: int) -> None:
+        """Say so when device-limited routing was asked for (n_devices > 1) but can change no token's experts."""
+        G, M = self.n_devices, self.device_limit
+        if G == 1:
+            return
+        if M == G:
+            log.warning("device_limit=%d = n_devices=%d keeps every device group: routing is not limited; choose "
+                        "device_limit < n_devices", M, G)
+        elif M >= top_k:
+            log.warning("device_limit=%d >= num_experts_per_tok=%d: a token's %d experts span at most %d device "
+                        "groups, so the limit never binds; choose device_limit < %d", M, top_k, top_k, top_k, top_k)
 
     def remove(self, model: nn.Module) -> None:
         """Unset the route_hook and device limit this recipe installed on `model`'s MoE layers."""
@@ -91,9 +111,18 @@ class MoERecipe:
                 self._records.pop(name, None)
                 self._bias_load.pop(name, None)
 
-    def reset(self) -> None:
-        """Forget losses, loads and drops (call before each forward). Bias-update loads persist until update_bias."""
+    def reset(self, first_sequence: int = 0) -> None:
+        """Forget losses, loads and drops (call before each forward). Bias-update loads persist until update_bias.
+        first_sequence: the run-wide index of the forward's first sequence, which numbers the exempt ones."""
         self._records.clear()
+        self._first = first_sequence
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint keeps for an exact resume: the count of training sequences."""
+        return {"sequences": self.sequences}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sequences = state["sequences"]
 
     # ---- results -----------------------------------------------------------------------------------------------
 
@@ -125,7 +154,8 @@ class MoERecipe:
         return out
 
     def loads(self) -> dict[str, torch.Tensor]:
-        """Per-layer expert loads pending for update_bias (all-reduce these in place across data-parallel ranks)."""
+        """Per-layer expert loads of the training forwards pending for update_bias (all-reduce these in place across
+        data-parallel ranks)."""
         return self._bias_load
 
     @torch.no_grad()
@@ -154,7 +184,7 @@ class MoERecipe:
         rec.losses = self._losses(scores_NE.view(B, S, E), ids_NK.view(B, S, -1))
         load_E = torch.bincount(ids_NK.flatten(), minlength=E).detach()
         rec.load_E = load_E if rec.load_E is None else rec.load_E + load_E
-        if self.bias_update_speed > 0:
+        if self.bias_update_speed > 0 and moe.training:  # only training tokens move the bias, not validation's
             prev = self._bias_load.get(name)
             self._bias_load[name] = load_E if prev is None else prev + load_E
         drop_NK = torch.zeros_like(ids_NK, dtype=torch.bool)
@@ -192,10 +222,12 @@ class MoERecipe:
         return out
 
     def _exempt(self, B: int, device: torch.device) -> torch.Tensor:
-        """(B,) True for the sequences never dropped: evenly spaced, floor(B * fraction) of them."""
-        b = torch.arange(B, device=device, dtype=torch.float64)
-        f = self.drop_exempt_fraction
-        return torch.floor((b + 1) * f + 1e-9) > torch.floor(b * f + 1e-9)
+        """(B,) True for the sequences never dropped: run-wide sequence g when floor((g+1) f) > floor(g f), so any
+        n consecutive sequences of a run hold floor(n f) or ceil(n f), whatever the micro-batch size (a count
+        floored per micro-batch exempted none below 1/f sequences)."""
+        p, q = Fraction(self.drop_exempt_fraction).limit_denominator(1 << 20).as_integer_ratio()  # exact integers
+        g = torch.arange(self._first, self._first + B, device=device, dtype=torch.int64)
+        return (g + 1) * p // q > g * p // q
 
     def _drop_mask(self, aff_NK: torch.Tensor, ids_NK: torch.Tensor, E: int, B: int) -> torch.Tensor:
         """(N, K) True for the pairs dropped: on each over-budget device its lowest-affinity non-exempt pairs."""

@@ -110,7 +110,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop
     recipe.install(model)
     opt = build_optimizer(model, cfg)
     loader = data.TokenLoader(prepared.train, cfg.batch_size, cfg.seq_len, cfg.seed, world.rank, world.size)
-    step = checkpoint.restore(out, cfg, model, opt, loader) if resume else 0
+    step = checkpoint.restore(out, cfg, model, opt, loader, recipe) if resume else 0
     if world.is_main:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = MetricsLog(out / "metrics.jsonl", step, enabled=world.is_main)
@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, resume: bool, stop
         if step % cfg.eval_every == 0 or step == cfg.steps:
             log.write({"kind": "val", "step": step, **validation(model, cfg, prepared.val, dtype, world)})
         if step % cfg.save_every == 0 or step == end:
-            checkpoint.save(out, step, cfg, model, opt, loader, world)
+            checkpoint.save(out, step, cfg, model, opt, loader, recipe, world)
         bar.update(1)
         bar.set_postfix(loss=f"{res.loss:.3f}", lr=f"{lr:.2e}")
     bar.close()

@@ -93,13 +93,19 @@ class LMLoss(nn.Module):
 
 class Parallel(Protocol):
     """What a multi-rank step needs (distributed.DataParallel): the loss with gradient sync on or off, the gradients
-    finished after backward, and the norm clipped over all ranks."""
+    finished after backward, the norm clipped over all ranks, and the rank and world size (rows' run-wide numbers)."""
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor: ...
 
     def finish_grads(self) -> None: ...
 
     def clip_grad_norm(self, max_norm: float) -> float: ...
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
 
 
 def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe, micro_batches: list,
@@ -109,8 +115,12 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     total, aux_sums, tokens = 0.0, {}, 0
+    rank, ranks = (0, 1) if parallel is None else (parallel.rank, parallel.size)
+    rows = sum(x.shape[0] for x, _ in micro_batches)
+    first = recipe.sequences + rank * rows  # run-wide index of this rank's first row (the loader's layout)
     for i, (x, y) in enumerate(micro_batches):
-        recipe.reset()
+        recipe.reset(first)
+        first += x.shape[0]
         loss = lm_loss(model, x, y, dtype) if parallel is None else parallel.loss(x, y, i == len(micro_batches) - 1)
         aux = recipe.step_losses()
         (loss + sum(aux.values(), loss.new_zeros(()))).div(len(micro_batches)).backward()
@@ -125,6 +135,7 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, recipe: MoERecipe
         grad_norm = parallel.clip_grad_norm(cfg.clip)
     opt.step()
     recipe.update_bias(model)
+    recipe.sequences += rows * ranks
     return StepResult(total, aux_sums, grad_norm, tokens)
 
 
