@@ -34,6 +34,27 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def check_unicode(value: Any, path: str = "") -> None:
+    """Refuse a string that UTF-8 cannot encode (a lone surrogate: JSON's "\\ud800" parses to one) with a 400
+    naming its field, before a tokenizer or a JSON reply meets it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path or 'the body'} holds a lone surrogate (U+{ord(value[e.start]):04X}) at "
+                                f"character {e.start}: strings must be valid Unicode", path or None) from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            check_unicode(getattr(value, name), f"{path}.{name}" if path else name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, path)  # first, so that the path below can name it
+            check_unicode(v, f"{path}.{k}")
+    elif isinstance(value, list) and not (value and isinstance(value[0], int)):  # token ids hold no text
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}.{i}")
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -146,6 +146,7 @@ class OpenAIServing:
     # ---- /v1/completions ---------------------------------------------------------------------------------
     async def create_completion(self, req: p.CompletionRequest) -> _Job:
         arrival = time.perf_counter()
+        p.check_unicode(req)
         self.check_model(req.model)
         params = req.to_params()
         self.check_draining()
@@ -209,6 +210,7 @@ class OpenAIServing:
     # ---- /v1/chat/completions ----------------------------------------------------------------------------
     async def create_chat(self, req: p.ChatCompletionRequest) -> _Job:
         arrival = time.perf_counter()
+        p.check_unicode(req)
         self.check_model(req.model)
         params = req.to_params()
         self.check_draining()
