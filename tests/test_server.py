@@ -325,12 +325,15 @@ def test_full_waiting_queue_answers_429(guarded):
                                    "openseek_kv_cache_usage": 0}
 
 
-def test_api_key_is_required_on_v1_routes(guarded):
+def test_api_key_is_required_on_every_route_but_health(guarded):
     for key in ("wrong-key", None):
         headers = {"authorization": f"Bearer {key}"} if key else {}
         r = httpx.post(f"{guarded.url}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
-        assert httpx.get(f"{guarded.url}/v1/models", headers=headers).status_code == 401
+        for path in ("/v1/models", "/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(f"{guarded.url}{path}", headers=headers).status_code == 401, path
+    for path in ("/v1/models", "/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{guarded.url}{path}", headers={"authorization": f"Bearer {KEY}"}).status_code == 200, path
     with pytest.raises(openai.AuthenticationError):
         guarded.client(api_key="wrong-key").models.list()
     assert httpx.get(f"{guarded.url}/health").status_code == 200

@@ -33,7 +33,7 @@ class Draining(Exception):
 
 
 class EngineFailed(Exception):
-    """A step raised; the requests in flight were aborted."""
+    """The engine failed a request: a step raised (those in flight were aborted), or it failed this one alone."""
 
 
 @dataclass(slots=True)
@@ -215,7 +215,14 @@ class AsyncEngine:
             if stream is not None:
                 by_loop.setdefault(stream[0], []).append((stream[1], out))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            if not _reply(loop, _put_all, items):
+                self._abort([rid for rid, (lp, _) in list(self._streams.items()) if lp is loop])
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Abort requests whose event loop is closed: nobody will read their output."""
+        for rid in request_ids:
+            self._streams.pop(rid, None)
+            self.llm_engine.abort(rid)
 
     def _fail_all(self, error: Exception, abort: bool = True) -> None:
         streams, self._streams = self._streams, {}
