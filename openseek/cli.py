@@ -244,8 +244,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "/health, /metrics. SIGTERM drains in-flight requests, then exits.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
                                                    "(default: $OPENSEEK_API_KEY, else no key)")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send "
                                                                             "(default: PATH as given, or "
                                                                             f"{BUNDLED_MODEL_NAME})")
@@ -253,9 +254,25 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                                                              "adds usage.cost")
     p.add_argument("--price-output", type=float, default=None, metavar="Y", help="price per million completion tokens")
     p.add_argument("--price-currency", default="USD", help="currency label of the prices (default: %(default)s)")
+    add_limit_args(p)
     add_model_args(p, SERVE_ENGINE_FIELDS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    from .server.limits import HTTPLimits
+
+    d = HTTPLimits()
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
+                   help="larger request bodies get 413 before they are read (default: %(default)s, 16 MiB)")
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout, metavar="SECONDS",
+                   help="a client gets this long to send a request's headers (or is disconnected) and as long again "
+                        "for its body (or gets 408) (default: %(default)s, as nginx)")
+    p.add_argument("--timeout-keep-alive", type=int, default=d.timeout_keep_alive, metavar="SECONDS",
+                   help="close idle keep-alive connections after this long (default: %(default)s, as uvicorn)")
+    p.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency, metavar="N",
+                   help="open connections beyond which requests get 503 (default: %(default)s)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -265,12 +282,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .server.app import build_app, serve
     from .server.async_engine import AsyncEngine
+    from .server.limits import HTTPLimits
     from .server.protocol import Pricing
 
     if (args.price_input is None) != (args.price_output is None):
         raise UsageError("give both --price-input and --price-output, or neither")
     api_key = args.api_key or os.environ.get("OPENSEEK_API_KEY") or None
     pricing = None if args.price_input is None else Pricing(args.price_input, args.price_output, args.price_currency)
+    try:
+        limits = HTTPLimits(args.max_body_bytes, args.read_timeout, args.timeout_keep_alive, args.limit_concurrency)
+    except ValueError as e:
+        raise UsageError(str(e).replace("_", "-")) from e
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("openseek").warning("serving on %s without --api-key: anyone who can reach it can use it",
@@ -281,9 +303,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     engine = AsyncEngine(load_engine(args, SERVE_ENGINE_FIELDS), threads=threads)
     name = args.served_model_name or (args.model if args.model is not None else BUNDLED_MODEL_NAME)
-    app = build_app(engine, name, api_key, pricing)
-    serve(app, args.host, args.port, args.log_level)
-    return 0
+    app = build_app(engine, name, api_key, pricing, args.public_metrics, limits)
+    return serve(app, args.host, args.port, args.log_level)
 
 
 # ---- train / plot ----------------------------------------------------------------------------------------------

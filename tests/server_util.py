@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,8 +49,9 @@ class Server:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
     def metrics(self) -> dict[str, float]:
-        """The unlabelled samples of /metrics."""
-        pairs = (line.split(" ") for line in httpx.get(f"{self.url}/metrics").text.splitlines() if line[:1] != "#")
+        """The unlabelled samples of /metrics (the key is sent: a server with --api-key guards /metrics too)."""
+        text = httpx.get(f"{self.url}/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+        pairs = (line.split(" ") for line in text.splitlines() if line[:1] != "#")
         return {k: float(v) for k, v in pairs if "{" not in k}
 
     def counter(self, name: str) -> float:
@@ -77,6 +79,33 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class InProcess:
+    """An app served in a thread of this process by the uvicorn server `openseek serve` runs (its limits, its
+    protocol), so a test can reach into the engine behind it."""
+
+    def __init__(self, app):
+        from openseek.server.app import make_server
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(app, "127.0.0.1", self.port, "warning")
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.01)
+
+    def __enter__(self) -> "InProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the in-process server did not stop"
 
 
 def _free_port() -> int:

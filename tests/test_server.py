@@ -272,6 +272,23 @@ def test_bad_completion_requests_get_400_naming_the_problem(server, body, param,
     assert err["type"] == "invalid_request_error" and err["param"] == param and words in err["message"], err
 
 
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", '{"prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"]}', "prompt.1"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["\\ud800"]}', "stop.0"),
+    ("/v1/completions", '{"prompt": "hi", "model": "\\ud800"}', "model"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages.0.content.0.text"),
+], ids=["prompt", "prompt-list", "stop", "model", "content", "content-part"])
+def test_a_lone_surrogate_is_400_naming_its_field(server, route, body, param):
+    """JSON's "\\ud800" parses to a str that UTF-8 cannot encode: the tokenizer raised TypeError, a 500."""
+    r = httpx.post(f"{server.url}{route}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "surrogate" in err["message"], err
+
+
 def test_prompt_longer_than_the_context_is_400_with_the_client(server):
     with pytest.raises(openai.BadRequestError) as e:
         server.client().chat.completions.create(model="tiny",
@@ -308,12 +325,15 @@ def test_full_waiting_queue_answers_429(guarded):
                                    "openseek_kv_cache_usage": 0}
 
 
-def test_api_key_is_required_on_v1_routes(guarded):
+def test_api_key_is_required_on_every_route_but_health(guarded):
     for key in ("wrong-key", None):
         headers = {"authorization": f"Bearer {key}"} if key else {}
         r = httpx.post(f"{guarded.url}/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
-        assert httpx.get(f"{guarded.url}/v1/models", headers=headers).status_code == 401
+        for path in ("/v1/models", "/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(f"{guarded.url}{path}", headers=headers).status_code == 401, path
+    for path in ("/v1/models", "/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{guarded.url}{path}", headers={"authorization": f"Bearer {KEY}"}).status_code == 200, path
     with pytest.raises(openai.AuthenticationError):
         guarded.client(api_key="wrong-key").models.list()
     assert httpx.get(f"{guarded.url}/health").status_code == 200

@@ -4,7 +4,11 @@
     serve(build_app(AsyncEngine(engine), model_name="tiny"), host="127.0.0.1", port=8000)
 
 SIGTERM (or Ctrl-C) drains: new requests get 503 while those in flight finish, then the process exits; a second
-signal exits at once.
+signal exits at once. If the engine loop dies, the process exits with status 1 (a supervisor restarts it) rather
+than answer 503 forever.
+
+With an API key, every route but /health needs it: the OpenAPI schema and its /docs and /redoc pages too, and
+/metrics unless public_metrics (a Prometheus scraper often has no key).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as p
 from .async_engine import AsyncEngine
+from .limits import BodyLimits, HTTPLimits, h11_protocol
 from .metrics import Metrics
 from .serving import OpenAIServing
 
@@ -45,9 +51,10 @@ class SSEResponse(StreamingResponse):
             self.on_close()
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              pricing: p.Pricing | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, pricing: p.Pricing | None = None,
+              public_metrics: bool = False, limits: HTTPLimits | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine loop."""
+    limits = limits or HTTPLimits()
     metrics = Metrics(engine.stats)
     serving = OpenAIServing(engine, model_name, metrics, pricing)
 
@@ -59,10 +66,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         finally:
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="openseek", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+    app = FastAPI(title="openseek", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # the docs are added below, behind the key
+    app.add_middleware(BodyLimits, max_bytes=limits.max_body_bytes, seconds=limits.read_timeout)
+    app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
     _add_error_handlers(app, metrics)
     auth = [Depends(_bearer_check(api_key))] if api_key else []
+    _add_docs(app, auth)
 
     @app.get("/health")
     async def health() -> Response:
@@ -70,7 +80,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return JSONResponse({"status": "draining" if engine.draining else "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if public_metrics else auth)
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -83,14 +93,19 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     async def respond(route: str, req, raw: Request, job, stream, response) -> Response:
         """Stream the job as SSE, or wait for it unless the client hangs up first."""
-        metrics.requests.labels(route, "200").inc()
         if req.stream:
-            return SSEResponse(stream(req, job), on_close=lambda: serving.abort(job))
+            def closed() -> None:  # a stream that ended in an error event is counted as the 500 it stands for
+                serving.abort(job)
+                metrics.requests.labels(route, "500" if job.error else "200").inc()
+
+            return SSEResponse(stream(req, job), on_close=closed)
         try:
             if not await _finished_before_hangup(raw, serving.collect(job)):
+                metrics.requests.labels(route, "499").inc()
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         finally:
             serving.abort(job)  # a no-op unless the client left or the handler was cancelled
+        metrics.requests.labels(route, "200").inc()
         return JSONResponse(response(req, job))
 
     @app.post("/v1/completions", dependencies=auth)
@@ -129,6 +144,22 @@ async def _finished_before_hangup(raw: Request, work) -> bool:
     return True
 
 
+def _add_docs(app: FastAPI, auth: list) -> None:
+    """FastAPI's schema and docs pages, as routes that take the same dependencies as the API."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    async def swagger() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=auth)
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
 def _bearer_check(api_key: str):
     expected = f"Bearer {api_key}".encode()
 
@@ -142,10 +173,10 @@ def _bearer_check(api_key: str):
 
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    def reply(request: Request, status: int, body: dict) -> JSONResponse:
+    def reply(request: Request, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         route = request.scope.get("route")  # unmatched paths share one label: clients cannot grow the registry
         metrics.requests.labels(route.path if route else "unmatched", str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(p.APIError)
     async def api_error(request: Request, e: p.APIError) -> JSONResponse:
@@ -164,7 +195,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return reply(request, e.status_code, p.error_body(str(e.detail), code=str(e.status_code)))
+        return reply(request, e.status_code, p.error_body(str(e.detail), code=str(e.status_code)), e.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
@@ -172,11 +203,21 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return reply(request, 500, p.error_body(f"internal server error: {type(e).__name__}", "server_error"))
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run `app` under uvicorn until SIGTERM / SIGINT, draining in-flight requests before exiting."""
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Run `app` under uvicorn until SIGTERM / SIGINT, draining in-flight requests before exiting.
+
+    Returns the exit status: 0 after a drain, 1 if the engine loop died.
+    """
+    make_server(app, host, port, log_level).run()
+    return 1 if app.state.engine.died else 0
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """The uvicorn.Server `serve` runs, with app.state.limits applied; a dead engine loop makes it exit."""
     import uvicorn
 
     engine: AsyncEngine = app.state.engine
+    limits: HTTPLimits = app.state.limits
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -189,4 +230,8 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
         def _stop(self) -> None:
             self.should_exit = True  # the server's main loop polls this flag
 
-    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    server = DrainingServer(uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, http=h11_protocol(limits.read_timeout),
+        timeout_keep_alive=limits.timeout_keep_alive, limit_concurrency=limits.limit_concurrency))
+    engine.on_death = server._stop
+    return server

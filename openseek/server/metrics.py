@@ -19,7 +19,8 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("openseek_requests", "HTTP requests answered, by route and status code",
+        self.requests = Counter("openseek_requests", "HTTP requests answered, by route and status code (a stream that "
+                                "ends in an error event counts as 500)",
                                 ["route", "status"], registry=r)
         self.prompt_tokens = Counter("openseek_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.ttft = Histogram("openseek_time_to_first_token_seconds", "Request arrival to its first token",

@@ -34,6 +34,27 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def check_unicode(value: Any, path: str = "") -> None:
+    """Refuse a string that UTF-8 cannot encode (a lone surrogate: JSON's "\\ud800" parses to one) with a 400
+    naming its field, before a tokenizer or a JSON reply meets it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path or 'the body'} holds a lone surrogate (U+{ord(value[e.start]):04X}) at "
+                                f"character {e.start}: strings must be valid Unicode", path or None) from None
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            check_unicode(getattr(value, name), f"{path}.{name}" if path else name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, path)  # first, so that the path below can name it
+            check_unicode(v, f"{path}.{k}")
+    elif isinstance(value, list) and not (value and isinstance(value[0], int)):  # token ids hold no text
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}.{i}")
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -115,21 +136,21 @@ class CompletionRequest(_Sampling):
         prompt_logprobs = self.logprobs if self.echo else None
         return self._params(max_tokens, self.logprobs, prompt_logprobs)
 
-    def prompts(self, tokenizer) -> list[tuple[str | None, list[int]]]:
-        """(text or None, token ids) per prompt: a string, a list of token ids, or a list of either."""
+    def prompts(self, tokenizer, max_chars: int) -> list[tuple[str | None, list[int]]]:
+        """(text or None, token ids) per prompt: a string, a list of token ids, or a list of either.
+
+        Every text is checked against max_chars before any is tokenized (tokenizing megabytes takes seconds).
+        """
         p = self.prompt
         items = [p] if isinstance(p, str) or (p and all(isinstance(t, int) for t in p)) else list(p)
         if not items:
             raise APIError(400, "prompt is empty", "prompt")
-        out = []
-        for item in items:
-            if isinstance(item, str):
-                if tokenizer is None:
-                    raise APIError(400, "this model folder has no tokenizer.json: send prompts as token ids", "prompt")
-                out.append((item, tokenizer.encode(item)))
-            else:
-                out.append((None, list(item)))
-        return out
+        texts = [item for item in items if isinstance(item, str)]
+        if texts and tokenizer is None:
+            raise APIError(400, "this model folder has no tokenizer.json: send prompts as token ids", "prompt")
+        for text in texts:
+            check_chars(len(text), max_chars, "prompt")
+        return [(item, tokenizer.encode(item)) if isinstance(item, str) else (None, list(item)) for item in items]
 
 
 class ContentPart(BaseModel):
@@ -176,19 +197,29 @@ class ChatCompletionRequest(_Sampling):
         names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if use_completion else "max_tokens"}
         return self._params(max_tokens, logprobs, names=names)
 
-    def prompt_ids(self, tokenizer) -> list[int]:
-        """The rendered chat template, tokenized; the template already starts with BOS."""
+    def prompt_ids(self, tokenizer, max_chars: int) -> list[int]:
+        """The rendered chat template, tokenized; the template already starts with BOS.
+
+        The messages' text is checked against max_chars first: the template only adds to it.
+        """
         if tokenizer is None:
             raise APIError(400, "this model folder has no tokenizer.json, so it cannot render chat messages; use "
                                 "/v1/completions with token ids", "messages")
         if not self.messages:
             raise APIError(400, "messages is empty", "messages")
         messages = [m.for_template(i) for i, m in enumerate(self.messages)]
+        check_chars(sum(len(m["content"]) + len(m.get("name", "")) for m in messages), max_chars, "messages")
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from e
         return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_chars(n: int, max_chars: int, param: str) -> None:
+    if n > max_chars:
+        raise APIError(400, f"{param} has {n} characters; more than {max_chars} (max_model_len x the longest token) "
+                            "cannot fit in max_model_len tokens", param)
 
 
 # ---- responses -----------------------------------------------------------------------------------------------

@@ -2,7 +2,12 @@
 
 One HTTP request becomes one engine request per prompt, with the request's n: the engine fans out, and choice
 index = prompt index * n + completion index. Everything a client can get wrong is raised as APIError before
-anything is streamed; once a stream has started, an engine failure is sent as an SSE error event.
+anything is streamed; once a stream has started, an engine failure is sent as an SSE error event. A request the
+engine failed (its last delta's finish_reason is "error") fails that HTTP request alone: a 500, or an SSE error
+event that ends its stream.
+
+Prompts are tokenized (and chat templates rendered) in a worker thread: on the event loop, a megabyte prompt
+would stall every other client, /health included.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class _Job:
     num_prompt_tokens: int
     arrival: float  # perf_counter when the request came in, for time to first token
     unfinished: set[str]  # request ids not finished (nor aborted) yet
+    error: str | None = None  # what failed, once the engine failed one of its requests
     outputs: dict[str, RequestOutput] = field(default_factory=dict)  # finished ones, as the engine returns them
     last_token: dict[tuple[str, int], float] = field(default_factory=dict)  # perf_counter per completion, for ITL
 
@@ -48,6 +54,15 @@ class _Job:
         return [(i, self.outputs[rid]) for i, rid in enumerate(self.request_ids)]
 
 
+def _engine_error(e: EngineFailed) -> p.APIError:
+    return p.APIError(500, str(e), None, "server_error", "server_error")
+
+
+def _longest_token(tokenizer) -> int:
+    """Characters of the longest vocabulary entry (a byte-level entry has one per byte, so at least the text's)."""
+    return max(len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size))
+
+
 def sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -56,6 +71,9 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics, pricing: p.Pricing | None = None):
         self.engine, self.model_name, self.metrics, self.pricing = engine, model_name, metrics, pricing
         self.tokenizer = engine.llm_engine.tokenizer
+        # a longer text cannot fit in max_model_len tokens, so it is refused before it is tokenized
+        self.max_prompt_chars = engine.llm_engine.max_model_len * (_longest_token(self.tokenizer) if self.tokenizer
+                                                                   else 0)
 
     def token_str(self, token_id: int) -> str:
         if self.tokenizer is None:
@@ -87,7 +105,7 @@ class OpenAIServing:
         except Draining as e:
             raise p.APIError(503, str(e), None, "service_unavailable", "server_error") from e
         except EngineFailed as e:
-            raise p.APIError(500, str(e), None, None, "server_error") from e
+            raise _engine_error(e) from e
         except FieldError as e:  # a request parameter: n asks for more sequences than can wait
             raise p.APIError(400, str(e), e.field) from e
         except ValueError as e:  # the engine names the problem: too long, empty, ids outside the vocabulary
@@ -104,6 +122,9 @@ class OpenAIServing:
                 out = await job.deltas.get()
                 if isinstance(out, Exception):
                     raise out
+                if out.finish_reason == "error":  # the engine failed this request, and only this one
+                    job.error = f"the engine failed this request: {out.error or 'no reason given'}"
+                    raise EngineFailed(job.error)
                 self._observe(job, out)
                 if out.output is not None:
                     job.outputs[out.request_id] = out.output
@@ -133,7 +154,7 @@ class OpenAIServing:
         except Draining as e:
             raise p.APIError(503, str(e), None, "service_unavailable", "server_error") from e
         except EngineFailed as e:
-            raise p.APIError(500, str(e), None, None, "server_error") from e
+            raise _engine_error(e) from e
 
     def check_draining(self) -> None:
         """Refuse early, before tokenizing, while the server shuts down."""
@@ -146,10 +167,12 @@ class OpenAIServing:
     # ---- /v1/completions ---------------------------------------------------------------------------------
     async def create_completion(self, req: p.CompletionRequest) -> _Job:
         arrival = time.perf_counter()
+        p.check_unicode(req)
         self.check_model(req.model)
         params = req.to_params()
         self.check_draining()
-        return await self.submit("cmpl", req.prompts(self.tokenizer), params, "prompt", arrival)
+        prompts = await asyncio.to_thread(req.prompts, self.tokenizer, self.max_prompt_chars)
+        return await self.submit("cmpl", prompts, params, "prompt", arrival)
 
     def _completion_piece(self, req: p.CompletionRequest, job: _Job, prompt: int, prompt_logprobs: list | None,
                           ids: list[int], entries: list, text: str, first: bool, offset: int
@@ -200,7 +223,8 @@ class OpenAIServing:
                     choice = p.completion_choice(index, text, reason, lp)
                     yield sse(p.response("text_completion", job.id, job.created, job.model, [choice], None))
             except (EngineFailed, Draining) as e:
-                yield sse(p.error_body(str(e), "server_error"))
+                yield _error_event(job, e)
+                return
         if req.include_usage:
             yield sse(p.response("text_completion", job.id, job.created, job.model, [],
                                  self.usage(job, completion_tokens)))
@@ -209,10 +233,11 @@ class OpenAIServing:
     # ---- /v1/chat/completions ----------------------------------------------------------------------------
     async def create_chat(self, req: p.ChatCompletionRequest) -> _Job:
         arrival = time.perf_counter()
+        p.check_unicode(req)
         self.check_model(req.model)
         params = req.to_params()
         self.check_draining()
-        ids = req.prompt_ids(self.tokenizer)
+        ids = await asyncio.to_thread(req.prompt_ids, self.tokenizer, self.max_prompt_chars)
         return await self.submit("chatcmpl", [(None, ids)], params, "messages", arrival)
 
     def _chat_logprobs(self, req: p.ChatCompletionRequest, ids: list[int], entries: list) -> dict | None:
@@ -243,7 +268,15 @@ class OpenAIServing:
                     delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                     yield chunk([p.chat_delta_choice(out.index, delta, out.finish_reason, lp)])
             except (EngineFailed, Draining) as e:
-                yield sse(p.error_body(str(e), "server_error"))
+                yield _error_event(job, e)
+                return
         if req.include_usage:
             yield chunk([], self.usage(job, completion_tokens))
         yield sse("[DONE]")
+
+
+def _error_event(job: _Job, e: Exception) -> bytes:
+    """The event that ends a failed stream, then [DONE] (vLLM's order; OpenAI's clients raise on the first)."""
+    job.error = job.error or str(e)
+    code = "service_unavailable" if isinstance(e, Draining) else "server_error"
+    return sse(p.error_body(str(e), "server_error", None, code)) + sse("[DONE]")
