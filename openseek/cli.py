@@ -254,10 +254,21 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                                                              "adds usage.cost")
     p.add_argument("--price-output", type=float, default=None, metavar="Y", help="price per million completion tokens")
     p.add_argument("--price-currency", default="USD", help="currency label of the prices (default: %(default)s)")
+    add_parser_args(p)
     add_limit_args(p)
     add_model_args(p, SERVE_ENGINE_FIELDS)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
+
+
+def add_parser_args(p: argparse.ArgumentParser) -> None:
+    from .server.parsers import REASONING_PARSERS, TOOL_PARSERS
+
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split the text up to </think> into message.reasoning_content (default: none)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="turn the model's tool-call tokens into OpenAI tool_calls; needed for requests with tools "
+                        "(default: none)")
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -303,7 +314,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     engine = AsyncEngine(load_engine(args, SERVE_ENGINE_FIELDS), threads=threads)
     name = args.served_model_name or (args.model if args.model is not None else BUNDLED_MODEL_NAME)
-    app = build_app(engine, name, api_key, pricing, args.public_metrics, limits)
+    app = build_app(engine, name, api_key, pricing, args.public_metrics, limits, args.reasoning_parser,
+                    args.tool_call_parser)
     return serve(app, args.host, args.port, args.log_level)
 
 

@@ -68,17 +68,24 @@ def _compile_template(template: str):
 
 
 def _check_messages(messages) -> list[dict]:
-    """Copies of the messages without None-valued keys (as transformers does), after checking role and content."""
+    """Copies of the messages without None-valued keys, after checking role and content.
+
+    An assistant message with tool_calls keeps a None content, as vLLM does: DeepSeek's templates test
+    `content is none` to write the calls alone (transformers 5 drops it, and V3's template then fails).
+    """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
-        message = {k: v for k, v in message.items() if v is not None}
+        calls = message.get("tool_calls")
+        message = {k: v for k, v in message.items() if v is not None or (k == "content" and calls)}
         if not isinstance(message.get("role"), str):
             raise ValueError(f"messages[{i}] has no string 'role' (got {message.get('role')!r})")
-        if not isinstance(message.get("content"), (str, list)):
+        if calls is not None and not isinstance(calls, list):
+            raise ValueError(f"messages[{i}] has 'tool_calls' that is not a list")
+        if not isinstance(message.get("content"), (str, list)) and not calls:
             raise ValueError(f"messages[{i}] (role {message['role']!r}) has no 'content' string or list of parts")
         clean.append(message)
     return clean

@@ -52,11 +52,15 @@ class SSEResponse(StreamingResponse):
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, pricing: p.Pricing | None = None,
-              public_metrics: bool = False, limits: HTTPLimits | None = None) -> FastAPI:
-    """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine loop."""
+              public_metrics: bool = False, limits: HTTPLimits | None = None, reasoning_parser: str | None = None,
+              tool_parser: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine loop.
+
+    reasoning_parser / tool_parser: names from parsers.REASONING_PARSERS / TOOL_PARSERS (vLLM's flag values).
+    """
     limits = limits or HTTPLimits()
     metrics = Metrics(engine.stats)
-    serving = OpenAIServing(engine, model_name, metrics, pricing)
+    serving = OpenAIServing(engine, model_name, metrics, pricing, reasoning_parser, tool_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -158,21 +158,79 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallItem(BaseModel):
+    """A tool call of an assistant message in the history."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallItem] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
     def for_template(self, i: int) -> dict:
-        """The message as the chat template sees it: content flattened to one string (text parts joined by \\n)."""
+        """The message as the chat template sees it: content flattened to one string (text parts joined by \\n).
+
+        An assistant message with tool calls keeps content None when it has no text: DeepSeek's templates test
+        `message['content'] is none` to write the calls alone.
+        """
         content = self.content
         if isinstance(content, list):
             if bad := [p.type for p in content if p.type != "text" or p.text is None]:
                 raise APIError(400, f"messages[{i}] has a content part of type {bad[0]!r}; only text parts are "
                                     "supported", f"messages.{i}.content")
             content = "\n".join(p.text for p in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or "",
-                **({"name": self.name} if self.name else {})}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise APIError(400, f"messages[{i}] has tool_calls but role {self.role!r}: only assistant messages "
+                                    "call tools", f"messages.{i}.tool_calls")
+            out["content"] = content or None
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.role == "tool" and self.content is None:
+            raise APIError(400, f"messages[{i}] is a tool message without content: send the tool's result",
+                           f"messages.{i}.content")
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
+
+    def chars(self) -> int:
+        """Characters of text the template gets from this message."""
+        calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
+        content = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content or ())
+        return len(content) + len(self.name or "") + calls
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -181,12 +239,11 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: dict | None = None
 
     def to_params(self) -> SamplingParams:
-        if self.tools:
-            raise APIError(400, "tools are not supported", "tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise APIError(400, "response_format other than {'type': 'text'} is not supported", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
@@ -196,6 +253,26 @@ class ChatCompletionRequest(_Sampling):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if use_completion else "max_tokens"}
         return self._params(max_tokens, logprobs, names=names)
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model is shown the tools and its output parsed for calls (tool_choice "none": neither)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def check_tools(self, tool_parser: str | None) -> None:
+        """tool_choice against tools and the server's parser, with a 400 naming the problem."""
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise APIError(400, f"tool_choice={choice_text(choice)} needs tools: the request has none", "tool_choice")
+        names = [t.function.name for t in self.tools or ()]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise APIError(400, f"tools has more than one function named {dup[0]!r}", "tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in tools "
+                                f"({', '.join(map(repr, names))})", "tool_choice")
+        if self.uses_tools and tool_parser is None:
+            raise APIError(400, "this server parses no tool calls: start it with --tool-call-parser to use tools "
+                                "(or send tool_choice='none')", "tools")
 
     def prompt_ids(self, tokenizer, max_chars: int) -> list[int]:
         """The rendered chat template, tokenized; the template already starts with BOS.
@@ -208,12 +285,18 @@ class ChatCompletionRequest(_Sampling):
         if not self.messages:
             raise APIError(400, "messages is empty", "messages")
         messages = [m.for_template(i) for i, m in enumerate(self.messages)]
-        check_chars(sum(len(m["content"]) + len(m.get("name", "")) for m in messages), max_chars, "messages")
+        check_chars(sum(m.chars() for m in self.messages), max_chars, "messages")
+        # as transformers and vLLM pass them: the tool objects as the client sent them, None when unused
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.uses_tools else None
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from e
         return tokenizer.encode(text, add_special_tokens=False)
+
+
+def choice_text(choice: str | NamedToolChoice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"{{function: {choice.function.name!r}}}"
 
 
 def check_chars(n: int, max_chars: int, param: str) -> None:
@@ -268,16 +351,25 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, float]], top_n: 
     return {"content": content}
 
 
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
 
 
 def completion_choice(index: int, text: str, finish_reason: FinishReason, logprobs: dict | None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: FinishReason, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+def chat_message(content: str | None, reasoning: str | None = None, tool_calls: list[dict] | None = None) -> dict:
+    """The assistant's message: reasoning_content only from a reasoning parser, tool_calls only when there are."""
+    out: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    return out
+
+
+def chat_choice(index: int, message: dict, finish_reason: FinishReason, logprobs: dict | None) -> dict:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_delta_choice(index: int, delta: dict, finish_reason: FinishReason, logprobs: dict | None) -> dict:

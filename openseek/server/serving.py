@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from ..validation import FieldError
 from . import protocol as p
 from .async_engine import AsyncEngine, Draining, EngineFailed
 from .metrics import Metrics
+from .parsers import OutputParser, ToolCall, check_names
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -68,8 +72,11 @@ def sse(obj: dict | str) -> bytes:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics, pricing: p.Pricing | None = None):
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics, pricing: p.Pricing | None = None,
+                 reasoning_parser: str | None = None, tool_parser: str | None = None):
         self.engine, self.model_name, self.metrics, self.pricing = engine, model_name, metrics, pricing
+        check_names(reasoning_parser, tool_parser)
+        self.reasoning_parser, self.tool_parser = reasoning_parser, tool_parser
         self.tokenizer = engine.llm_engine.tokenizer
         # a longer text cannot fit in max_model_len tokens, so it is refused before it is tokenized
         self.max_prompt_chars = engine.llm_engine.max_model_len * (_longest_token(self.tokenizer) if self.tokenizer
@@ -236,6 +243,7 @@ class OpenAIServing:
         p.check_unicode(req)
         self.check_model(req.model)
         params = req.to_params()
+        req.check_tools(self.tool_parser)
         self.check_draining()
         ids = await asyncio.to_thread(req.prompt_ids, self.tokenizer, self.max_prompt_chars)
         return await self.submit("chatcmpl", [(None, ids)], params, "messages", arrival)
@@ -245,10 +253,23 @@ class OpenAIServing:
             return None
         return p.chat_logprobs(ids, entries, req.top_logprobs or 0, self.token_str, self.token_bytes)
 
+    def output_parser(self, req: p.ChatCompletionRequest) -> OutputParser | None:
+        """A fresh parser for one choice, or None when the server parses nothing for this request."""
+        tool = self.tool_parser if req.uses_tools else None
+        return OutputParser(self.reasoning_parser, tool) if self.reasoning_parser or tool else None
+
     def chat_response(self, req: p.ChatCompletionRequest, job: _Job) -> dict:
         (_, out), = job.finished()
-        choices = [p.chat_choice(c.index, c.text, c.finish_reason, self._chat_logprobs(req, c.token_ids, c.logprobs))
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, reason = p.chat_message(c.text), c.finish_reason
+            if (parser := self.output_parser(req)) is not None:
+                parsed = parser.parse(c.text)
+                calls = [t.openai() for t in parsed.tool_calls]
+                message = p.chat_message(parsed.content, parsed.reasoning if parser.reasoning else None, calls)
+                reason = _finish_reason(reason, parser)
+                _check_tool_choice(req, parsed.tool_calls, reason)
+            choices.append(p.chat_choice(c.index, message, reason, self._chat_logprobs(req, c.token_ids, c.logprobs)))
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         return p.response("chat.completion", job.id, job.created, job.model, choices,
                           self.usage(job, completion_tokens))
@@ -257,7 +278,7 @@ class OpenAIServing:
         def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
             return sse(p.response("chat.completion.chunk", job.id, job.created, job.model, choices, usage))
 
-        completion_tokens = 0
+        completion_tokens, parsers = 0, {index: self.output_parser(req) for index in range(job.n)}
         async with contextlib.aclosing(self.deltas(job)) as it:
             for index in range(job.n):
                 yield chunk([p.chat_delta_choice(index, {"role": "assistant", "content": ""}, None, None)])
@@ -265,14 +286,87 @@ class OpenAIServing:
                 async for out in it:
                     completion_tokens += len(out.new_token_ids)
                     lp = self._chat_logprobs(req, out.new_token_ids, out.new_logprobs or [])
-                    delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-                    yield chunk([p.chat_delta_choice(out.index, delta, out.finish_reason, lp)])
+                    if (parser := parsers[out.index]) is None:
+                        delta, reason = ({"content": out.new_text} if out.new_text or not out.finished else {},
+                                         out.finish_reason)
+                    else:
+                        delta, reason = _parsed_delta(req, parser, out)
+                        if not (delta or out.finished or lp):
+                            continue  # held back: a tag may be arriving
+                    yield chunk([p.chat_delta_choice(out.index, delta, reason, lp)])
             except (EngineFailed, Draining) as e:
                 yield _error_event(job, e)
                 return
         if req.include_usage:
             yield chunk([], self.usage(job, completion_tokens))
         yield sse("[DONE]")
+
+
+def _parsed_delta(req: p.ChatCompletionRequest, parser: OutputParser, out: StepOutput) -> tuple[dict, str | None]:
+    """A streamed piece through the choice's parser: its delta object and finish_reason."""
+    delta = parser.push(out.new_text)
+    if not out.finished:
+        return delta.openai(), None
+    end = parser.finish()
+    delta.reasoning, delta.content = delta.reasoning + end.reasoning, delta.content + end.content
+    delta.tool_calls += end.tool_calls
+    reason = _finish_reason(out.finish_reason, parser)
+    _check_tool_choice(req, [c for c in parser.tools.calls if c.complete] if parser.tools else [], reason)
+    return delta.openai(), reason
+
+
+def _finish_reason(reason: str | None, parser: OutputParser) -> str | None:
+    """"tool_calls" for an output that stopped after complete calls; a call cut by max_tokens stays "length"."""
+    return "tool_calls" if reason == "stop" and parser.called_tools else reason
+
+
+def _check_tool_choice(req: p.ChatCompletionRequest, calls: list[ToolCall], reason: str | None) -> None:
+    """Log an output that breaks tool_choice "required" or a named function.
+
+    Nothing constrains decoding to a call yet (that needs the grammar-constrained sampler), so the output is
+    returned as the model wrote it; this is the seam where a constrained request would be checked.
+    """
+    choice = req.tool_choice
+    forced = choice == "required" or isinstance(choice, p.NamedToolChoice)
+    if not forced or reason not in ("stop", "tool_calls"):
+        return
+    problem = unmet_tool_choice(choice, req.tools or [], calls)
+    if problem is not None:
+        logger.warning("tool_choice %s not met (decoding is not constrained yet): %s", p.choice_text(choice), problem)
+
+
+def unmet_tool_choice(choice: str | p.NamedToolChoice, tools: list[p.Tool], calls: list[ToolCall]) -> str | None:
+    """What is wrong with calls under tool_choice "required" / a named function, or None: a call must exist, name
+    the function asked for (or a known one), and carry a JSON object that validates against its parameters."""
+    schemas = {t.function.name: t.function.parameters for t in tools}
+    if not calls:
+        return "the model called no tool"
+    for call in calls:
+        if isinstance(choice, p.NamedToolChoice) and call.name != choice.function.name:
+            return f"the model called {call.name!r}, not {choice.function.name!r}"
+        if call.name not in schemas:
+            return f"the model called {call.name!r}, which is not in tools"
+        try:
+            args = json.loads(call.arguments)
+        except json.JSONDecodeError as e:
+            return f"the arguments of {call.name!r} are not JSON: {e}"
+        if schemas[call.name] is not None and (error := _schema_error(args, schemas[call.name])):
+            return f"the arguments of {call.name!r} do not validate: {error}"
+    return None
+
+
+def _schema_error(value, schema: dict) -> str | None:
+    try:
+        import jsonschema
+    except ImportError:  # optional: without it only the JSON is checked
+        return None if isinstance(value, dict) else "not a JSON object"
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as e:
+        return e.message
+    except jsonschema.SchemaError as e:
+        return f"the tool's parameters are not a valid JSON Schema: {e.message}"
+    return None
 
 
 def _error_event(job: _Job, e: Exception) -> bytes:
