@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..engine import SamplingParams
 from ..validation import FieldError
@@ -253,6 +253,18 @@ class ChatCompletionRequest(_Sampling):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if use_completion else "max_tokens"}
         return self._params(max_tokens, logprobs, names=names)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, value):
+        """One message for any wrong shape, instead of pydantic's one per member of the union."""
+        ok = value is None or value in ("none", "auto", "required") or (
+            isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict)
+            and isinstance(value["function"].get("name"), str))
+        if not ok:
+            raise ValueError(f"got {value!r}; allowed: 'none', 'auto', 'required' or "
+                             "{'type': 'function', 'function': {'name': NAME}}")
+        return value
 
     @property
     def uses_tools(self) -> bool:
