@@ -251,8 +251,7 @@ def test_an_output_that_breaks_required_is_returned_and_logged(v3, caplog):
 
 def test_unmet_tool_choice_names_what_is_wrong():
     from openseek.server.parsers import ToolCall
-    from openseek.server.protocol import NamedToolChoice, Tool
-    from openseek.server.serving import unmet_tool_choice
+    from openseek.server.tools import NamedToolChoice, Tool, unmet_tool_choice
 
     tools = [Tool.model_validate(WEATHER_TOOL)]
     named = NamedToolChoice.model_validate({"type": "function", "function": {"name": "get_weather"}})

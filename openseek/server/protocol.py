@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..engine import SamplingParams
 from ..validation import FieldError
+from .tools import NamedToolChoice, Tool, ToolCallItem, choice_text
 
 TokenStr = Callable[[int], str]  # token id -> its text, as shown in logprobs
 
@@ -158,18 +159,6 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # JSON text, as the model wrote it
-
-
-class ToolCallItem(BaseModel):
-    """A tool call of an assistant message in the history."""
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
@@ -210,27 +199,6 @@ class ChatMessage(BaseModel):
         calls = sum(len(c.function.name) + len(c.function.arguments) for c in self.tool_calls or ())
         content = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content or ())
         return len(content) + len(self.name or "") + calls
-
-
-class FunctionDefinition(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON Schema object
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
-    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -305,10 +273,6 @@ class ChatCompletionRequest(_Sampling):
         except ValueError as e:
             raise APIError(400, str(e), "messages") from e
         return tokenizer.encode(text, add_special_tokens=False)
-
-
-def choice_text(choice: str | NamedToolChoice) -> str:
-    return repr(choice) if isinstance(choice, str) else f"{{function: {choice.function.name!r}}}"
 
 
 def check_chars(n: int, max_chars: int, param: str) -> None:

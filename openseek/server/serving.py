@@ -26,6 +26,7 @@ from . import protocol as p
 from .async_engine import AsyncEngine, Draining, EngineFailed
 from .metrics import Metrics
 from .parsers import OutputParser, ToolCall, check_names
+from .tools import NamedToolChoice, choice_text, unmet_tool_choice
 
 logger = logging.getLogger(__name__)
 
@@ -327,46 +328,12 @@ def _check_tool_choice(req: p.ChatCompletionRequest, calls: list[ToolCall], reas
     returned as the model wrote it; this is the seam where a constrained request would be checked.
     """
     choice = req.tool_choice
-    forced = choice == "required" or isinstance(choice, p.NamedToolChoice)
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
     if not forced or reason not in ("stop", "tool_calls"):
         return
     problem = unmet_tool_choice(choice, req.tools or [], calls)
     if problem is not None:
-        logger.warning("tool_choice %s not met (decoding is not constrained yet): %s", p.choice_text(choice), problem)
-
-
-def unmet_tool_choice(choice: str | p.NamedToolChoice, tools: list[p.Tool], calls: list[ToolCall]) -> str | None:
-    """What is wrong with calls under tool_choice "required" / a named function, or None: a call must exist, name
-    the function asked for (or a known one), and carry a JSON object that validates against its parameters."""
-    schemas = {t.function.name: t.function.parameters for t in tools}
-    if not calls:
-        return "the model called no tool"
-    for call in calls:
-        if isinstance(choice, p.NamedToolChoice) and call.name != choice.function.name:
-            return f"the model called {call.name!r}, not {choice.function.name!r}"
-        if call.name not in schemas:
-            return f"the model called {call.name!r}, which is not in tools"
-        try:
-            args = json.loads(call.arguments)
-        except json.JSONDecodeError as e:
-            return f"the arguments of {call.name!r} are not JSON: {e}"
-        if schemas[call.name] is not None and (error := _schema_error(args, schemas[call.name])):
-            return f"the arguments of {call.name!r} do not validate: {error}"
-    return None
-
-
-def _schema_error(value, schema: dict) -> str | None:
-    try:
-        import jsonschema
-    except ImportError:  # optional: without it only the JSON is checked
-        return None if isinstance(value, dict) else "not a JSON object"
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError as e:
-        return e.message
-    except jsonschema.SchemaError as e:
-        return f"the tool's parameters are not a valid JSON Schema: {e.message}"
-    return None
+        logger.warning("tool_choice %s not met (decoding is not constrained yet): %s", choice_text(choice), problem)
 
 
 def _error_event(job: _Job, e: Exception) -> bytes:

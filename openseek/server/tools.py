@@ -1,0 +1,82 @@
+"""OpenAI's tool objects (the request's tools and tool_choice, an assistant's tool calls) and the check of a
+finished output against tool_choice "required" or a named function."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .parsers import ToolCall
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallItem(BaseModel):
+    """A tool call of an assistant message in the history."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def choice_text(choice: str | NamedToolChoice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"{{function: {choice.function.name!r}}}"
+
+
+def unmet_tool_choice(choice: str | NamedToolChoice, tools: list[Tool], calls: list[ToolCall]) -> str | None:
+    """What is wrong with calls under tool_choice "required" / a named function, or None: a call must exist, name
+    the function asked for (or a known one), and carry a JSON object that validates against its parameters."""
+    schemas = {t.function.name: t.function.parameters for t in tools}
+    if not calls:
+        return "the model called no tool"
+    for call in calls:
+        if isinstance(choice, NamedToolChoice) and call.name != choice.function.name:
+            return f"the model called {call.name!r}, not {choice.function.name!r}"
+        if call.name not in schemas:
+            return f"the model called {call.name!r}, which is not in tools"
+        try:
+            args = json.loads(call.arguments)
+        except json.JSONDecodeError as e:
+            return f"the arguments of {call.name!r} are not JSON: {e}"
+        if schemas[call.name] is not None and (error := _schema_error(args, schemas[call.name])):
+            return f"the arguments of {call.name!r} do not validate: {error}"
+    return None
+
+
+def _schema_error(value, schema: dict) -> str | None:
+    try:
+        import jsonschema
+    except ImportError:  # optional: without it only the JSON is checked
+        return None if isinstance(value, dict) else "not a JSON object"
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as e:
+        return e.message
+    except jsonschema.SchemaError as e:
+        return f"the tool's parameters are not a valid JSON Schema: {e.message}"
+    return None
