@@ -235,6 +235,17 @@ def test_tools_on_a_server_without_a_tool_parser_get_400(scripted_sampler):
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fine"
 
 
+def test_an_unknown_parser_flag_is_a_cli_error_listing_the_allowed_ones(capsys):
+    from openseek.cli import build_parser
+
+    cases = (("--tool-call-parser", "'deepseek_v3', 'deepseek_v31'"), ("--reasoning-parser", "'deepseek_r1'"))
+    for flag, allowed in cases:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["serve", flag, "hermes"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: invalid choice: 'hermes'" in err and allowed in err, err
+
+
 def test_unknown_parser_names_are_refused_before_serving():
     with pytest.raises(ValueError, match="known: deepseek_r1"):
         build_app(AsyncEngine(LLMEngine.from_pretrained(BUNDLED)), "ds", reasoning_parser="deepseek")
