@@ -205,6 +205,11 @@ class Delta:
     content: str = ""
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's streamed tool-call entries
 
+    def extend(self, other: Delta) -> Delta:
+        self.reasoning, self.content = self.reasoning + other.reasoning, self.content + other.content
+        self.tool_calls = _merge(self.tool_calls + other.tool_calls)
+        return self
+
     def openai(self) -> dict:
         """The chunk's delta object; empty when there is nothing to send."""
         out: dict = {}
@@ -256,8 +261,8 @@ class OutputParser:
 
     def parse(self, text: str) -> Parsed:
         """The whole output at once (a fresh parser)."""
-        a, b = self.push(text), self.finish()
-        reasoning, content = a.reasoning + b.reasoning, a.content + b.content
+        whole = self.push(text).extend(self.finish())
+        reasoning, content = whole.reasoning, whole.content
         calls = [c for c in self.tools.calls if c.complete] if self.tools else []
         if self.reasoning is not None or calls:
             content = content or None  # vLLM's convention: no text after the reasoning / before the calls is null

@@ -308,9 +308,7 @@ def _parsed_delta(req: p.ChatCompletionRequest, parser: OutputParser, out: StepO
     delta = parser.push(out.new_text)
     if not out.finished:
         return delta.openai(), None
-    end = parser.finish()
-    delta.reasoning, delta.content = delta.reasoning + end.reasoning, delta.content + end.content
-    delta.tool_calls += end.tool_calls
+    delta.extend(parser.finish())
     reason = _finish_reason(out.finish_reason, parser)
     _check_tool_choice(req, [c for c in parser.tools.calls if c.complete] if parser.tools else [], reason)
     return delta.openai(), reason
