@@ -120,6 +120,21 @@ def test_streamed_tool_call_deltas_add_up_to_the_unstreamed_call(v3):
     assert call["id"].startswith("call_") and call["name"] == "get_weather" and call["args"] == ARGS
 
 
+def test_each_of_n_choices_is_parsed_on_its_own(v3):
+    v3.script(CALL_TEXT)
+    choices = v3.chat(messages=USER, tools=[WEATHER_TOOL], n=2).choices
+    assert [(c.index, c.finish_reason, c.message.tool_calls[0].function.arguments) for c in choices] == [
+        (0, "tool_calls", ARGS), (1, "tool_calls", ARGS)]
+    assert choices[0].message.tool_calls[0].id != choices[1].message.tool_calls[0].id
+    calls: dict[int, str] = {}
+    for chunk in v3.chat(messages=USER, tools=[WEATHER_TOOL], n=2, stream=True):
+        for c in chunk.choices:
+            for t in c.delta.tool_calls or []:
+                assert t.index == 0  # tool-call indexes count within a choice
+                calls[c.index] = calls.get(c.index, "") + (t.function.arguments or "")
+    assert calls == {0: ARGS, 1: ARGS}
+
+
 def test_a_call_cut_by_max_tokens_finishes_with_length_and_no_tool_calls(v3):
     v3.script(CALL_TEXT)
     cut = len(v3.tok.encode(CALL_TEXT[:CALL_TEXT.index('"Paris"')], add_special_tokens=False)) + 1
