@@ -292,3 +292,17 @@ def test_unmet_tool_choice_names_what_is_wrong():
     assert "'location' is a required property" in unmet_tool_choice("required", tools, call("get_weather", "{}"))
     assert "is not one of" in unmet_tool_choice("required", tools,
                                                 call("get_weather", '{"location": "Oslo", "unit": "kelvin"}'))
+
+
+def test_a_tokenizer_that_drops_the_tags_is_warned_about(caplog):
+    """A checkpoint whose tokenizer marks </think> special would lose it from decoded text: say so at start."""
+    from tokenizers import AddedToken
+
+    engine = LLMEngine.from_pretrained(BUNDLED)
+    with caplog.at_level("WARNING", logger="openseek.server.serving"):
+        build_app(AsyncEngine(engine), "ds", reasoning_parser="deepseek_r1", tool_parser="deepseek_v3")
+    assert "drops" not in caplog.text  # the bundled tokenizer spells the tags in bytes: nothing lost
+    engine.tokenizer._tok.add_tokens([AddedToken("</think>", special=True)])
+    with caplog.at_level("WARNING", logger="openseek.server.serving"):
+        build_app(AsyncEngine(engine), "ds", reasoning_parser="deepseek_r1")
+    assert "drops </think> when decoding" in caplog.text and "skip_special_tokens=false" in caplog.text

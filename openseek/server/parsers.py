@@ -191,6 +191,15 @@ REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser}
 TOOL_PARSERS = {"deepseek_v3": DeepSeekV3ToolParser, "deepseek_v31": DeepSeekV31ToolParser}
 
 
+def tags(reasoning: str | None, tool: str | None) -> list[str]:
+    """The tag strings the named parsers look for in the text."""
+    out = [REASONING_PARSERS[reasoning].start, REASONING_PARSERS[reasoning].end] if reasoning else []
+    if tool:
+        cls = TOOL_PARSERS[tool]
+        out += [cls.calls_begin, cls.call_begin, cls.sep, cls.call_end, cls.calls_end]
+    return out
+
+
 def check_names(reasoning: str | None, tool: str | None) -> None:
     """Raise ValueError naming an unknown parser and the known ones."""
     for kind, name, known in (("reasoning", reasoning, REASONING_PARSERS), ("tool-call", tool, TOOL_PARSERS)):

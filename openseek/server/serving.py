@@ -25,7 +25,7 @@ from ..validation import FieldError
 from . import protocol as p
 from .async_engine import AsyncEngine, Draining, EngineFailed
 from .metrics import Metrics
-from .parsers import OutputParser, ToolCall, check_names
+from .parsers import OutputParser, ToolCall, check_names, tags
 from .tools import NamedToolChoice, choice_text, unmet_tool_choice
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class OpenAIServing:
         check_names(reasoning_parser, tool_parser)
         self.reasoning_parser, self.tool_parser = reasoning_parser, tool_parser
         self.tokenizer = engine.llm_engine.tokenizer
+        _warn_dropped_tags(self.tokenizer, reasoning_parser, tool_parser)
         # a longer text cannot fit in max_model_len tokens, so it is refused before it is tokenized
         self.max_prompt_chars = engine.llm_engine.max_model_len * (_longest_token(self.tokenizer) if self.tokenizer
                                                                    else 0)
@@ -301,6 +302,17 @@ class OpenAIServing:
         if req.include_usage:
             yield chunk([], self.usage(job, completion_tokens))
         yield sse("[DONE]")
+
+
+def _warn_dropped_tags(tokenizer, reasoning_parser: str | None, tool_parser: str | None) -> None:
+    """The parsers read decoded text: a tag the tokenizer marks special vanishes from it by default."""
+    if tokenizer is None:
+        return
+    dropped = [t for t in tags(reasoning_parser, tool_parser)
+               if tokenizer.decode(tokenizer.encode(t, add_special_tokens=False)) != t]
+    if dropped:
+        logger.warning("the tokenizer drops %s when decoding (special tokens): the parsers only see them in requests "
+                       "with skip_special_tokens=false", ", ".join(dropped))
 
 
 def _parsed_delta(req: p.ChatCompletionRequest, parser: OutputParser, out: StepOutput) -> tuple[dict, str | None]:
