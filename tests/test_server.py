@@ -406,3 +406,14 @@ def test_sigterm_refuses_new_requests_and_drains_in_flight(folder, tmp_path):
         assert srv.proc.wait(timeout=30) == 0
     finally:
         srv.stop()
+
+
+def test_openapi_schema_declares_the_statuses_the_server_answers(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        declared = schema["paths"][path]["post"]["responses"]
+        assert "422" not in declared and {"200", "400", "413", "429", "500"} <= declared.keys(), declared.keys()
+        assert "text/event-stream" in declared["200"]["content"]
+        r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "max_tokens": "many"})
+        assert str(r.status_code) in declared, r.status_code
+    assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]

@@ -84,7 +84,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
             return JSONResponse({"status": "draining" if engine.draining else "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics", dependencies=[] if public_metrics else auth)
+    @app.get("/metrics", dependencies=[] if public_metrics else auth,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -112,13 +113,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         metrics.requests.labels(route, "200").inc()
         return JSONResponse(response(req, job))
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, responses=ERROR_RESPONSES)
     async def completions(req: p.CompletionRequest, raw: Request) -> Response:
         job = await serving.create_completion(req)
         return await respond("/v1/completions", req, raw, job, serving.stream_completion,
                              serving.completion_response)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, responses=ERROR_RESPONSES)
     async def chat(req: p.ChatCompletionRequest, raw: Request) -> Response:
         job = await serving.create_chat(req)
         return await respond("/v1/chat/completions", req, raw, job, serving.stream_chat, serving.chat_response)
@@ -148,12 +149,34 @@ async def _finished_before_hangup(raw: Request, work) -> bool:
     return True
 
 
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_ERRORS = {400: "invalid request (body, field or value)", 401: "missing or wrong API key", 404: "unknown model",
+           408: "body not received in time", 413: "body too large", 429: "waiting queue full, retry later",
+           500: "the engine failed this request", 503: "draining or over the connection limit"}
+# the statuses the generation routes answer with, declared so the schema tells clients (and schemathesis) the truth
+ERROR_RESPONSES = {status: {"description": why, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+                   for status, why in _ERRORS.items()} | {
+    200: {"description": "a JSON response, or an SSE stream (text/event-stream) when stream is true",
+          "content": {"text/event-stream": {}}}}
+
+
+def _without_422(schema: dict) -> dict:
+    """FastAPI documents request validation as 422; this server answers 400, as OpenAI does."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    return schema
+
+
 def _add_docs(app: FastAPI, auth: list) -> None:
     """FastAPI's schema and docs pages, as routes that take the same dependencies as the API."""
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
     async def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        return JSONResponse(_without_422(app.openapi()))
 
     @app.get("/docs", include_in_schema=False, dependencies=auth)
     async def swagger() -> Response:
