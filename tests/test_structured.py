@@ -86,6 +86,21 @@ def test_regex_choice_and_lark_grammar(llm):
             assert c.finish_reason == "stop" and ok(c.text), (spec, c.text)
 
 
+@pytest.mark.parametrize("spec, text, accepted", [
+    (dict(json=SCHEMAS["bounds"]), 'Let me think.\n</think>{"score":1.5,"count":3}', True),
+    (dict(json=SCHEMAS["bounds"]), '</think>{"score":3,"count":3}', False),  # score above its maximum
+    (dict(json=SCHEMAS["bounds"]), '{"score":1.5,"count":3}', False),  # the reasoning must end first
+    (dict(choice=["yes", "no"]), "hmm </think> no", False), (dict(choice=["yes", "no"]), "hmm </think>no", True),
+    (dict(grammar='start: "call(" %json {"type": "array", "items": {"type": "integer"}} ")"'), "</think>call([1,2])",
+     True),
+])
+def test_reasoning_end_leaves_the_reasoning_free_then_applies_the_constraint(llm, spec, text, accepted):
+    engine = llm.llm_engine
+    matcher = engine.compile_grammar(StructuredOutputsParams(**spec, reasoning_end="</think>"))
+    ok = all(matcher.consume_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False))
+    assert (ok and matcher.is_accepting()) == accepted
+
+
 def test_max_tokens_cut_is_length(llm):
     schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 40}}, "required": ["text"]}
     c = llm.generate("def", constrained(schema, max_tokens=5))[0].outputs[0]

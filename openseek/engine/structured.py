@@ -9,6 +9,12 @@ chosen by measurement (bench/results/grammar_engines.txt); it is imported lazily
 
 JSON is compact (no whitespace between tokens): free whitespace lets a model that writes code pad forever.
 
+For callers building on this (tool calls, reasoning): `grammar` takes llguidance's Lark, in which `%json {...}`
+embeds a schema and `<name>` or `<[id]>` names a special token, so "a call of tool X with arguments valid under
+its schema" is one grammar; `structural_tag` constrains only the text after a trigger; and `reasoning_end` (set by
+a server with a reasoning parser, not a request field) leaves the text free up to that string, then applies the
+constraint: the reasoning is not constrained.
+
 Shapes: R constrained rows, W 32-bit words of a row's bitmask, V vocabulary.
 """
 
@@ -40,6 +46,7 @@ class StructuredOutputsParams:
     grammar: str | None = None  # a Lark grammar (llguidance's dialect, %json embeds included) or GBNF
     json_object: bool | None = None  # any JSON object
     structural_tag: str | dict | None = None  # {"structures": [{"begin", "schema", "end"}], "triggers": [...]}
+    reasoning_end: str | None = None  # openseek's: free text up to and including this, then the constraint
 
     def __post_init__(self) -> None:
         chosen = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -53,6 +60,8 @@ class StructuredOutputsParams:
             raise FieldError(f"structured_outputs.{kind}", value, "has the wrong type: json and structural_tag "
                              "take an object or its JSON text, choice a non-empty list of strings, regex and grammar "
                              "a string, json_object true")
+        if self.reasoning_end is not None and not (isinstance(self.reasoning_end, str) and self.reasoning_end):
+            raise FieldError("structured_outputs.reasoning_end", self.reasoning_end, "must be a non-empty string")
 
     @property
     def kind(self) -> str:
@@ -61,7 +70,8 @@ class StructuredOutputsParams:
     def key(self) -> tuple[str, str]:
         """(kind, text): what the compiled grammar is cached by."""
         value = getattr(self, self.kind)
-        return self.kind, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return self.kind, text if self.reasoning_end is None else json.dumps([self.reasoning_end, text])
 
 
 class GrammarCompiler:
@@ -103,6 +113,8 @@ class GrammarCompiler:
                 grammar = self._structural_tag(params.structural_tag)
             else:
                 grammar = self._ll.grammar_from(kind, getattr(params, kind))
+            if params.reasoning_end is not None:
+                grammar = _after(params.reasoning_end, grammar)
             matcher = LLMatcher(self.tokenizer, grammar)
         except (ValueError, TypeError, KeyError, AssertionError) as e:  # llguidance validates with assert too
             raise FieldError(f"structured_outputs.{kind}", _short(params), f"cannot compile: {e}") from None
@@ -123,6 +135,14 @@ class GrammarCompiler:
         if not tags:
             raise ValueError("structural_tag has no structures")
         return self._ll.StructTag.to_grammar(tags)
+
+
+def _after(end: str, grammar: str) -> str:
+    """`grammar` preceded by free text that ends with `end` (a lazy lexeme: the first `end` closes it)."""
+    inner = json.loads(grammar)["grammars"] if grammar.lstrip().startswith("{") else [{"lark_grammar": grammar}]
+    inner[0] = {**inner[0], "name": "constrained"}
+    lark = f'start: free_text @constrained\nfree_text[lazy]: FREE_TEXT {json.dumps(end)}\nFREE_TEXT: /(.|\\n)*/\n'
+    return json.dumps({"grammars": [{"lark_grammar": lark}, *inner]})
 
 
 def token_masks(matchers: list[Any], vocab_size: int) -> torch.Tensor:
