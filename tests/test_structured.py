@@ -101,6 +101,21 @@ def test_reasoning_end_leaves_the_reasoning_free_then_applies_the_constraint(llm
     assert (ok and matcher.is_accepting()) == accepted
 
 
+TAG = {"structures": [{"begin": "<call=add>", "schema": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                                          "required": ["x"], "additionalProperties": False},
+                        "end": "</call>"}], "triggers": ["<call="]}
+
+
+@pytest.mark.parametrize("text, accepted", [('Sure. <call=add>{"x":2}</call> done', True),
+                                            ("no call at all", True), ('<call=add>{"y":2}</call>', False),
+                                            ('<call=sub>{"x":2}</call>', False)])
+def test_structural_tag_constrains_only_what_follows_a_trigger(llm, text, accepted):
+    engine = llm.llm_engine
+    matcher = engine.compile_grammar(StructuredOutputsParams(structural_tag=TAG))
+    ok = all(matcher.consume_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False))
+    assert (ok and matcher.is_accepting()) == accepted
+
+
 def test_max_tokens_cut_is_length(llm):
     schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 40}}, "required": ["text"]}
     c = llm.generate("def", constrained(schema, max_tokens=5))[0].outputs[0]

@@ -126,14 +126,21 @@ class GrammarCompiler:
         """vLLM's structural_tag ({"structures": [{"begin", "schema", "end"}], "triggers": [...]}) as a grammar:
         free text in which each trigger opens its structure, whose body follows its schema."""
         spec = json.loads(spec) if isinstance(spec, str) else spec
+        shape = ('needs {"structures": [{"begin": str, "schema": object, "end": str}, ...], "triggers": [str, ...]}'
+                 ", each begin starting with a trigger")
+        ok = isinstance(spec, dict) and isinstance(spec.get("triggers"), list) and isinstance(spec.get("structures"),
+                                                                                              list)
+        structures = spec["structures"] if ok else []
+        if not ok or not structures or not all(isinstance(t, str) and t for t in spec["triggers"]) or not all(
+                isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                and isinstance(s.get("schema"), dict) for s in structures):
+            raise ValueError(shape)
         tags = []
-        for s in spec["structures"]:
+        for s in structures:
             trigger = next((t for t in spec["triggers"] if s["begin"].startswith(t)), None)
             if trigger is None:
                 raise ValueError(f"structure begin {s['begin']!r} starts with none of the triggers {spec['triggers']}")
             tags.append(self._ll.StructTag(trigger=trigger, begin=s["begin"], grammar=s["schema"], end=s["end"]))
-        if not tags:
-            raise ValueError("structural_tag has no structures")
         return self._ll.StructTag.to_grammar(tags)
 
 
