@@ -224,7 +224,7 @@ def test_logit_bias_forces_a_token_and_logprobs_show_it(server):
     ({"structured_outputs": {"regex": "(("}}, "structured_outputs"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs"),
-    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"4096": 1}}, "logit_bias"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"--5": 1}}, "logit_bias"), ({"logit_bias": {"4096": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
 ])
 def test_bad_grammar_or_bias_is_a_400_naming_its_field(server, body, param):

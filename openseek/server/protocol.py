@@ -152,12 +152,14 @@ class _Sampling(BaseModel):
         """OpenAI's token id strings as ints (the engine checks the range)."""
         if self.logit_bias is None:
             return None
-        try:
-            return {int(k): v for k, v in self.logit_bias.items()}
-        except ValueError:
-            bad = next(k for k in self.logit_bias if not k.strip().lstrip("-").isdecimal())
-            raise APIError(400, f"logit_bias keys must be token ids (integers as strings): got {bad!r}",
-                           "logit_bias") from None
+        bias = {}
+        for k, v in self.logit_bias.items():
+            try:
+                bias[int(k)] = v
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids (integers as strings): got {k!r}",
+                               "logit_bias") from None
+        return bias
 
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                 names: dict[str, str] | None = None) -> SamplingParams:
