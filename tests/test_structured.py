@@ -116,6 +116,30 @@ def test_structural_tag_constrains_only_what_follows_a_trigger(llm, text, accept
     assert (ok and matcher.is_accepting()) == accepted
 
 
+def test_eos_is_allowed_only_where_the_grammar_may_end(llm):
+    from openseek.engine.structured import token_masks
+
+    engine = llm.llm_engine
+    eos, V = engine.eos_token_id, engine.model.config.vocab_size
+    matcher = engine.compile_grammar(StructuredOutputsParams(regex="[0-9]{2,3}"))
+    steps = []
+    for t in engine.tokenizer.encode("1", add_special_tokens=False) + engine.tokenizer.encode("2",
+                                                                                          add_special_tokens=False):
+        steps.append(token_masks([matcher], V)[0, eos].item())
+        assert matcher.consume_token(t)
+    steps.append(token_masks([matcher], V)[0, eos].item())  # "12": two digits, a possible end
+    assert steps == [False, False, True]
+    # a +100 bias on EOS cannot end an output early: the mask comes first, so it ends as soon as it may
+    for spec in (dict(regex="[0-9]{2,5}"), dict(json=SCHEMAS["bounds"])):
+        c = llm.generate("x", SamplingParams(max_tokens=40, temperature=0, logit_bias={eos: 100.0},
+                                             structured_outputs=StructuredOutputsParams(**spec)))[0].outputs[0]
+        assert c.finish_reason == "stop" and eos not in c.token_ids[:-1]
+        if "regex" in spec:  # two digits take at most two tokens, then EOS
+            assert re.fullmatch("[0-9]{2,5}", c.text) and len(c.token_ids) <= 3 and c.token_ids[-1] == eos
+        else:  # a JSON object ends the grammar at its "}", before any EOS
+            jsonschema.validate(json.loads(c.text), SCHEMAS["bounds"])
+
+
 def test_max_tokens_cut_is_length(llm):
     schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 40}}, "required": ["text"]}
     c = llm.generate("def", constrained(schema, max_tokens=5))[0].outputs[0]
@@ -150,6 +174,8 @@ def test_uncompilable_grammar_is_refused_before_the_engine_takes_the_request(llm
     assert not llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="^min_tokens=2 is invalid"):  # a finished grammar leaves only EOS
+        SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a"))
 
 
 def test_logit_bias_ids_outside_the_vocabulary_are_refused(llm):
