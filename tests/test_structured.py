@@ -289,14 +289,16 @@ def sweep_schemas(n: int = 50) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fifty_schemas_all_finished_outputs_validate(server):
+def test_fifty_schemas_all_finished_outputs_validate_and_stream_alike(server):
     client, finished, valid = server.client(), 0, 0
     for i, schema in enumerate(sweep_schemas()):
-        r = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Record {i} as JSON"}], max_tokens=300,
-            temperature=0.8, seed=i, response_format={"type": "json_schema", "json_schema": {
-                "name": f"s{i}", "schema": schema, "strict": True}})
-        c = r.choices[0]
+        kw = dict(model="tiny", messages=[{"role": "user", "content": f"Record {i} as JSON"}], max_tokens=300,
+                  temperature=0.8, seed=i, response_format={"type": "json_schema", "json_schema": {
+                      "name": f"s{i}", "schema": schema, "strict": True}})
+        c = client.chat.completions.create(**kw).choices[0]
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(stream=True, **kw)
+                           if ch.choices)
+        assert streamed == c.message.content, i
         if c.finish_reason == "stop":
             finished += 1
             jsonschema.validate(json.loads(c.message.content), schema, format_checker=jsonschema.FormatChecker())
