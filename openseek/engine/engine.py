@@ -6,7 +6,9 @@
         for delta in engine.step(): ...   # StepOutput; the last one of a request carries its RequestOutput
 
 A request fans out into `n` sequences here (completion j draws with seed + j), admission is bounded here
-(`max_waiting`), and `stats()` is what a server reports; the server adds nothing of its own.
+(`max_waiting`), and `stats()` is what a server reports; the server adds nothing of its own. Under
+`structured_outputs` each sequence gets its own grammar matcher (structured.py): its mask goes to the sampler
+before every draw, the drawn token advances it, and a complete grammar ends the sequence with "stop".
 
 A failure stays with the requests it concerns: they finish with finish_reason "error" and the reason in `error`
 (their blocks freed), the rest of the batch goes on, and `step` raises for no single request.
