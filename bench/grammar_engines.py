@@ -7,6 +7,7 @@ standard library here, the size of a Llama/Mistral vocabulary):
   per token filling the (V,) mask for the next token, then advancing with it, along a valid JSON instance of the
             schema tokenized by the model's tokenizer (the path a constrained decode takes), one thread
 
+    pip install xgrammar==0.2.9 outlines-core==0.2.14   # the candidates openseek does not depend on
     python bench/grammar_engines.py > bench/results/grammar_engines.txt
 """
 
