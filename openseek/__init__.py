@@ -6,7 +6,7 @@ Shape letters in comments follow docs/shapes.md; "reference §N" cites docs/deep
 from pathlib import Path
 
 from .config import ModelConfig, preset
-from .engine import LLM, CompletionOutput, EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from .engine import LLM, CompletionOutput, EngineConfig, LLMEngine, RequestOutput, SamplingParams, StructuredOutputsParams
 from .model import Transformer, load_pretrained, save_pretrained
 
 # The small MLA + DeepSeekMoE chat model that ships with the package (`openseek train --preset demo`, then
@@ -14,5 +14,5 @@ from .model import Transformer, load_pretrained, save_pretrained
 BUNDLED_MODEL = Path(__file__).parent / "bundled"
 
 __all__ = ["BUNDLED_MODEL", "LLM", "CompletionOutput", "EngineConfig", "LLMEngine", "ModelConfig", "RequestOutput",
-           "SamplingParams", "Transformer", "load_pretrained", "preset", "save_pretrained"]
+           "SamplingParams", "StructuredOutputsParams", "Transformer", "load_pretrained", "preset", "save_pretrained"]
 __version__ = "0.1.0"

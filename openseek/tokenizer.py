@@ -147,6 +147,10 @@ class Tokenizer:
         """Text of ids; bytes of an unfinished UTF-8 character decode to U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_str(self) -> str:
+        """tokenizer.json's text (the tokenizers name): what a grammar engine builds its token view from."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -8,16 +8,16 @@ import re
 import pytest
 import torch
 
-from openseek.engine.sampler import SampleResult, SamplingParams, _inverse_cdf, sample
+from openseek.engine.sampler import SampleResult, SamplingParams, TokenMasks, _inverse_cdf, sample
 
 INF, NAN = math.inf, math.nan
 
 
-def run(logits, params, generators=None, prompt_ids=None, output_ids=None, eos=None) -> SampleResult:
+def run(logits, params, generators=None, prompt_ids=None, output_ids=None, eos=None, masks=None) -> SampleResult:
     B = logits.shape[0]
     generators = generators or [torch.Generator().manual_seed(i) for i in range(B)]
     return sample(logits, params, generators, prompt_ids or [[] for _ in range(B)],
-                  output_ids or [[] for _ in range(B)], eos)
+                  output_ids or [[] for _ in range(B)], eos, masks)
 
 
 def draws(logits_row, params, n=500, seed=0) -> list[int]:
@@ -41,6 +41,8 @@ def naive_log_softmax(row: list[float]) -> list[float]:
     ("stop", [""]), ("stop", [1]), ("stop_token_ids", [-1]), ("seed", 1.0), ("n", True), ("ignore_eos", 1),
     ("temperature", float("inf")), ("temperature", 1e39), ("repetition_penalty", 1e-45), ("repetition_penalty", 1e-3),
     ("repetition_penalty", 101.0), ("top_p", float("nan")), ("min_p", float("inf")),
+    ("logit_bias", {1: 100.5}), ("logit_bias", {-1: 1.0}), ("logit_bias", {1: float("nan")}), ("logit_bias", {"1": 1}),
+    ("logit_bias", {i: 1.0 for i in range(301)}), ("logit_bias", [1]), ("structured_outputs", {"json": {}}),
 ])
 def test_invalid_field_raises_value_error_naming_it(field, value):
     with pytest.raises(ValueError, match="^" + re.escape(f"{field}={value!r} is invalid: must be")):
@@ -279,3 +281,44 @@ def test_batch_shape_mismatches_are_rejected():
         sample(torch.zeros(2, 5), [SamplingParams()] * 2, [torch.Generator()], [[], []], [[], []], None)
     with pytest.raises(ValueError, match="token ids must be in"):
         run(torch.zeros(1, 5), [SamplingParams(repetition_penalty=1.2)], prompt_ids=[[7]])
+
+
+# --- logit_bias and grammar masks ------------------------------------------------------------------------------
+
+def test_logit_bias_forces_and_bans_tokens_and_logprobs_include_it():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    forced = run(logits, [SamplingParams(temperature=0, logit_bias={1: 100.0}, logprobs=4)])
+    assert forced.token_ids == [1]
+    biased = [2.0, 99.0, 0.5, 3.0]  # -1 + 100
+    expected = sorted(enumerate(naive_log_softmax(biased)), key=lambda t: -t[1])
+    assert forced.top_logprobs[0] == pytest.approx(expected, abs=1e-5)
+    banned = run(logits, [SamplingParams(temperature=0, logit_bias={3: -100.0, 0: -1.6})])
+    assert banned.token_ids == [2]  # 3 -> -97, 0 -> 0.4: token 2's 0.5 is now the best
+    g = torch.Generator().manual_seed(0)
+    seen = {run(logits, [SamplingParams(logit_bias={3: -100.0})], [g]).token_ids[0] for _ in range(300)}
+    assert 3 not in seen and seen == {0, 1, 2}
+
+
+def test_logit_bias_comes_before_the_penalties():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    # bias first (vLLM's order): token 0 is (2 - 1.5) / 2 = 0.25; the penalty first would give 2 / 2 - 1.5 = -0.5
+    out = run(logits, [SamplingParams(temperature=0, logit_bias={0: -1.5}, repetition_penalty=2.0, logprobs=0)],
+              output_ids=[[0]])
+    assert out.token_ids == [1]
+    assert out.logprobs == pytest.approx([naive_log_softmax([0.25, 1.0, 0.0])[1]], abs=1e-6)
+
+
+def test_grammar_mask_applies_to_its_rows_only_and_beats_bias():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [0.0, 5.0, 1.0, 2.0], [3.0, 1.0, 0.0, 0.5]])
+    params = [SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=0, logit_bias={1: 100.0}),
+              SamplingParams(temperature=0, logprobs=0)]
+    masks = TokenMasks([0, 1], torch.tensor([[True, False, True, False], [True, False, False, True]]))
+    out = run(logits, params, masks=masks)
+    assert out.token_ids == [2, 3, 0]  # the bias cannot bring back a masked token
+    assert out.logprobs[0] == pytest.approx(naive_log_softmax([0.0, 1.0])[1], abs=1e-6)
+    alone = run(logits[2:], params[2:])
+    assert out.logprobs[2] == alone.logprobs[0]  # the unconstrained row is untouched
+    g = torch.Generator().manual_seed(0)
+    draws_ = {run(logits[:1], [SamplingParams()], [g], masks=TokenMasks([0], masks.allowed[:1])).token_ids[0]
+              for _ in range(200)}
+    assert draws_ == {0, 2}

@@ -8,6 +8,7 @@ from .engine import EngineStats, LLMEngine, Prompt, QueueFull
 from .llm import LLM
 from .output_processor import CompletionOutput, RequestOutput, StepOutput
 from .sampler import SamplingParams
+from .structured import StructuredOutputsParams
 
 __all__ = ["LLM", "CompletionOutput", "EngineConfig", "EngineStats", "LLMEngine", "Prompt", "QueueFull",
-           "RequestOutput", "SamplingParams", "StepOutput"]
+           "RequestOutput", "SamplingParams", "StepOutput", "StructuredOutputsParams"]

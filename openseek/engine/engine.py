@@ -6,7 +6,9 @@
         for delta in engine.step(): ...   # StepOutput; the last one of a request carries its RequestOutput
 
 A request fans out into `n` sequences here (completion j draws with seed + j), admission is bounded here
-(`max_waiting`), and `stats()` is what a server reports; the server adds nothing of its own.
+(`max_waiting`), and `stats()` is what a server reports; the server adds nothing of its own. Under
+`structured_outputs` each sequence gets its own grammar matcher (structured.py): its mask goes to the sampler
+before every draw, the drawn token advances it, and a complete grammar ends the sequence with "stop".
 
 A failure stays with the requests it concerns: they finish with finish_reason "error" and the reason in `error`
 (their blocks freed), the rest of the batch goes on, and `step` raises for no single request.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +32,10 @@ from .block_pool import BlockPool
 from .config import EngineConfig
 from .output_processor import Logprobs, RequestState, StepOutput
 from .runner import ModelRunner
-from .sampler import SamplingParams, sample
+from .sampler import SamplingParams, TokenMasks, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
+from .structured import GrammarCompiler, StructuredOutputsParams, advance, token_masks
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class _Pick:
 class _Request:
     state: RequestState
     generators: list[torch.Generator]  # one per sequence
+    matchers: list[Any] | None = None  # one grammar matcher per sequence, under structured_outputs
 
 
 class LLMEngine:
@@ -97,6 +102,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}  # unfinished ones
         self._rng = random.Random(config.seed)
         self._generation_tokens = 0
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None) -> LLMEngine:
@@ -153,6 +160,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must also "
                              "leave room for at least one generated token")
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and (bad := [t for t in params.logit_bias if t >= vocab]):
+            raise FieldError("logit_bias", bad[:5], f"token ids must be in the vocabulary [0, {vocab})")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seqs, generators = [], []
@@ -160,7 +170,10 @@ class LLMEngine:
             seqs.append(Sequence(request_id, ids, max_tokens, j, needs_all_logits=params.prompt_logprobs is not None))
             generators.append(torch.Generator(device=self.model.device))
             generators[-1].manual_seed(self._rng.getrandbits(63) if params.seed is None else params.seed + j)
-        return _Request(RequestState(request_id, text, params, seqs, self.tokenizer), generators)
+        matchers = None
+        if params.structured_outputs is not None:  # each completion follows the grammar on its own
+            matchers = [self.compile_grammar(params.structured_outputs) for _ in seqs]
+        return _Request(RequestState(request_id, text, params, seqs, self.tokenizer), generators, matchers)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -181,6 +194,17 @@ class LLMEngine:
         if bad := [t for t in ids if not 0 <= t < vocab]:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         return text, ids
+
+    def compile_grammar(self, structured: StructuredOutputsParams) -> Any:
+        """A fresh matcher for `structured`, compiled once and then cached by its text; FieldError naming why it
+        cannot compile. Thread-safe: a server compiles off its event loop, so add_request finds it cached."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise FieldError("structured_outputs", structured.kind, "needs the model's tokenizer.json")
+                self._grammars = GrammarCompiler(self.tokenizer.to_str(), self.model.config.vocab_size,
+                                                 self.eos_token_id)
+        return self._grammars.compile(structured)
 
     def abort(self, request_id: str) -> None:
         """Drop a request and free its sequences' cache blocks; unknown or finished ids are ignored."""
@@ -259,8 +283,11 @@ class LLMEngine:
     def _picks(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[_Pick]:
         reqs = [self.requests[seq.request_id] for seq in seqs]
         params = [r.state.params for r in reqs]
+        matchers = [r.matchers[s.index] if r.matchers else None for r, s in zip(reqs, seqs)]
+        rows = [k for k, m in enumerate(matchers) if m is not None]
+        masks = TokenMasks(rows, token_masks([matchers[k] for k in rows], logits.shape[1])) if rows else None
         result = sample(logits, params, [r.generators[s.index] for r, s in zip(reqs, seqs)],
-                        [s.prompt_ids for s in seqs], [s.output_ids for s in seqs], self.eos_token_id)
+                        [s.prompt_ids for s in seqs], [s.output_ids for s in seqs], self.eos_token_id, masks)
         picks = []
         for k, p in enumerate(params):
             lp = None
@@ -276,7 +303,8 @@ class LLMEngine:
         """Append a sampled token to its sequence and request: the delta, finishing what it ends."""
         req = self.requests[seq.request_id]
         seq.output_ids.append(pick.token)
-        out = req.state.append(seq.index, pick.token, pick.logprobs, self.eos_token_id)
+        ended = req.matchers is not None and advance(req.matchers[seq.index], pick.token)
+        out = req.state.append(seq.index, pick.token, pick.logprobs, self.eos_token_id, ended)
         if out.finished:
             self.scheduler.finish(seq, out.finish_reason)
         if out.output is not None:

@@ -95,15 +95,17 @@ class RequestState:
                 entry.update(zip(top_ids[i].tolist(), top_vals[i].tolist()))
             self.prompt_logprobs[p] = entry
 
-    def append(self, index: int, token: int, lp: Logprobs | None, eos: int | None) -> StepOutput:
-        """Process the token the engine just appended to completion `index`: text, stop checks, the delta."""
+    def append(self, index: int, token: int, lp: Logprobs | None, eos: int | None, ended: bool = False
+               ) -> StepOutput:
+        """Process the token the engine just appended to completion `index`: text, stop checks, the delta.
+        `ended`: the completion's grammar is complete, so it stops whatever ignore_eos says."""
         c, params = self.completions[index], self.params
         if lp is not None:
             c.logprobs.append(lp)
         if c.detok is not None:
             c.text += c.detok.push([token])
         reason = None
-        if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token == eos and not params.ignore_eos) or token in params.stop_token_ids or ended:
             reason = "stop"
         elif params.stop and (cut := _find_stop(c.text, params.stop, c.emitted)) is not None:
             c.text, reason = c.text[:cut], "stop"

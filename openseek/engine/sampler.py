@@ -1,12 +1,15 @@
 """One step's logits to next tokens: penalties, min_tokens, logprobs, greedy / temperature / top-k / top-p / min-p.
 
-B rows (one per sequence; the drawn rows are a subset, also B), V vocabulary. Order per step, as in vLLM:
-  1. repetition penalty on prompt + generated tokens (CTRL / HF: divide positive logits, multiply negative);
-  2. frequency and presence penalties on generated tokens (OpenAI: logit -= f * count + p * (count > 0));
-  3. min_tokens: the ids that would end the sequence (stop_token_ids, and eos unless ignore_eos) are masked;
-  4. logprobs are the log_softmax of these logits: after penalties and masking, before temperature and
-     truncation (between vLLM's raw_logprobs and processed_logprobs);
-  5. greedy rows take the argmax (ties: lowest id); the others divide by temperature, keep the top-k, then the
+B rows (one per sequence; the drawn rows are a subset, also B), R rows under a grammar, V vocabulary. Order per
+step, as in vLLM (its runner applies the grammar bitmask, then its sampler logit_bias before the penalties):
+  1. structured output: tokens a row's grammar does not allow are masked (-inf), those rows only;
+  2. logit_bias is added (OpenAI: [-100, 100] per token id; -100 all but bans, +100 all but forces);
+  3. repetition penalty on prompt + generated tokens (CTRL / HF: divide positive logits, multiply negative);
+  4. frequency and presence penalties on generated tokens (OpenAI: logit -= f * count + p * (count > 0));
+  5. min_tokens: the ids that would end the sequence (stop_token_ids, and eos unless ignore_eos) are masked;
+  6. logprobs are the log_softmax of these logits: after the mask, the bias and the penalties, before temperature
+     and truncation (between vLLM's raw_logprobs and processed_logprobs);
+  7. greedy rows take the argmax (ties: lowest id); the others divide by temperature, keep the top-k, then the
      smallest top-p nucleus of the renormalised top-k, then drop tokens below min_p * max prob, and draw.
 
 Truncation is one logit threshold per row, so tokens tied with the last kept one are all kept (as HF's top-k
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from ..validation import check, is_int, is_number
+from .structured import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
@@ -43,6 +47,7 @@ F32_MAX = torch.finfo(torch.float32).max  # a larger temperature is inf in float
 # Reciprocal-symmetric and 1 = off; a factor of 100 already decides a seen token at usual logit scales (|x| < ~30),
 # and a bounded factor keeps x / penalty away from float32 overflow
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
 
 
 @dataclass(slots=True)
@@ -66,6 +71,8 @@ class SamplingParams:
     logprobs: int | None = None  # None, or 0..20: the sampled token's logprob plus the top-N
     prompt_logprobs: int | None = None  # None, or 0..20: each prompt token's logprob plus the top-N
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must follow
 
     def __post_init__(self) -> None:
         def must(ok: bool, name: str, allowed: str) -> None:
@@ -104,6 +111,14 @@ class SamplingParams:
             must(value is None or (is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
                  f"an integer in [0, {MAX_LOGPROBS}], or None")
         must(isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "a bool")
+        bias = self.logit_bias
+        must(bias is None or (isinstance(bias, dict) and len(bias) <= MAX_LOGIT_BIAS and all(
+            is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in bias.items())), "logit_bias",
+             f"a dict of at most {MAX_LOGIT_BIAS} token ids (integers >= 0) to biases in [-100, 100], or None")
+        must(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "structured_outputs", "a StructuredOutputsParams or None")
+        if self.structured_outputs is not None:  # else a finished grammar, which allows only EOS, has no token left
+            must(self.min_tokens == 0, "min_tokens", "0 with structured_outputs: the grammar decides the end")
 
     @property
     def greedy(self) -> bool:
@@ -118,14 +133,28 @@ class SampleResult:
     failed: list[int] = field(default_factory=list)  # rows with no finite logit: their token is meaningless
 
 
+@dataclass(slots=True)
+class TokenMasks:
+    """The grammar masks of some rows of a batch."""
+    rows: list[int]  # (R,) rows of the batch under a grammar
+    allowed: torch.Tensor  # (R, V) bool: True where the row's grammar allows the token
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-           prompt_ids: list[list[int]], output_ids: list[list[int]], eos_token_id: int | None) -> SampleResult:
-    """Pick one next token per row of `logits` (B, V) under each row's SamplingParams."""
+           prompt_ids: list[list[int]], output_ids: list[list[int]], eos_token_id: int | None,
+           masks: TokenMasks | None = None) -> SampleResult:
+    """Pick one next token per row of `logits` (B, V) under each row's SamplingParams (and grammar mask)."""
     _check_batch(logits, params, generators, prompt_ids, output_ids)
     logits = logits.detach().float()
     edits = _penalty_edits(logits.shape[1], params, prompt_ids, output_ids, eos_token_id)
-    if any(e is not None for e in edits):
+    bias = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if masks is not None or bias or any(e is not None for e in edits):
         logits = logits.clone()  # the caller's logits stay untouched
+        if masks is not None:
+            rows = torch.tensor(masks.rows, device=logits.device)
+            logits[rows] = logits[rows].masked_fill_(~masks.allowed.to(logits.device), -math.inf)  # (R, V)
+        if bias:
+            _apply_bias(logits, bias)
         _apply_penalties(logits, params, *edits)
     top = logits.amax(dim=-1, keepdim=True)  # (B, 1) the draw's shift, and where non-finite rows show
     failed: list[int] = []
@@ -200,6 +229,16 @@ def _penalty_edits(V: int, params: list[SamplingParams], prompt_ids: list[list[i
             ids = p.stop_token_ids + ([eos_token_id] if eos_token_id is not None and not p.ignore_eos else [])
             ends.append((i, [t for t in ids if t < V]))  # an id past the vocabulary can never be drawn anyway
     return rep or None, freq or None, ends or None
+
+
+def _apply_bias(logits: torch.Tensor, bias: list[tuple[int, dict[int, float]]]) -> None:
+    """In place: each row's logit_bias added to its tokens' logits (B, V)."""
+    row = torch.tensor([i for i, b in bias for _ in b])
+    tok = torch.tensor([t for _, b in bias for t in b])
+    if tok.max() >= logits.shape[1]:
+        raise ValueError(f"logit_bias token ids must be in [0, {logits.shape[1]}): got {tok.max().item()}")
+    value = torch.tensor([v for _, b in bias for v in b.values()], dtype=logits.dtype)
+    logits[row.to(logits.device), tok.to(logits.device)] += value.to(logits.device)  # a row's ids are distinct
 
 
 def _apply_penalties(logits: torch.Tensor, params: list[SamplingParams], rep: list | None, freq: list | None,

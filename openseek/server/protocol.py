@@ -2,8 +2,8 @@
 
 Every problem a client can cause becomes an `APIError`: an HTTP status plus OpenAI's error body
 {"error": {"message", "type", "param", "code"}}. Field names and defaults follow OpenAI's API; the extra sampling
-fields (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens) follow
-vLLM's extensions.
+fields (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
+structured_outputs) follow vLLM's extensions.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine import SamplingParams
+from ..engine import SamplingParams, StructuredOutputsParams
 from ..validation import FieldError
 from .tools import NamedToolChoice, Tool, ToolCallItem, choice_text
 
@@ -73,6 +73,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")  # "schema" would shadow BaseModel.schema
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format, and vLLM's structural_tag type (its structures and triggers)."""
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+    structures: list[dict] | None = None
+    triggers: list[str] | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs extra field: exactly one constraint (its other options are accepted, unused)."""
+    model_config = ConfigDict(populate_by_name=True)
+    json_: dict | str | None = Field(None, alias="json")  # "json" would shadow BaseModel.json
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict | str | None = None
+
+
 class _Sampling(BaseModel):
     """The fields both endpoints share."""
 
@@ -87,6 +114,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = None
@@ -96,21 +124,58 @@ class _Sampling(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @property
+    def structured_param(self) -> str:
+        """The field a grammar came from, which a 400 about it names."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def _structured(self) -> StructuredOutputsParams | None:
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type != "text" and so is not None:
+            raise APIError(400, "set response_format or structured_outputs, not both", "structured_outputs")
+        if so is not None:
+            return StructuredOutputsParams(**so.model_dump(by_alias=True, exclude_none=True))
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf.type == "structural_tag":
+            return StructuredOutputsParams(structural_tag={"structures": rf.structures or [],
+                                                           "triggers": rf.triggers or []})
+        if rf.json_schema is None or rf.json_schema.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                           "response_format.json_schema")
+        return StructuredOutputsParams(json=rf.json_schema.json_schema)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's token id strings as ints (the engine checks the range)."""
+        if self.logit_bias is None:
+            return None
+        bias = {}
+        for k, v in self.logit_bias.items():
+            try:
+                bias[int(k)] = v
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids (integers as strings): got {k!r}",
+                               "logit_bias") from None
+        return bias
 
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                 names: dict[str, str] | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
         fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
                   "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
         kw: dict[str, Any] = {k: v for k in fields if (v := getattr(self, k)) is not None}
-        kw.update(max_tokens=max_tokens, logprobs=logprobs)
+        kw.update(max_tokens=max_tokens, logprobs=logprobs, logit_bias=self._logit_bias())
         if prompt_logprobs is not None:
             kw["prompt_logprobs"] = prompt_logprobs
         try:
+            kw["structured_outputs"] = self._structured()
             return SamplingParams(**kw)
         except FieldError as e:
-            raise APIError(400, str(e), (names or {}).get(e.field, e.field)) from e
+            field = self.structured_param if e.field.startswith("structured_outputs") else e.field
+            raise APIError(400, str(e), (names or {}).get(field, field)) from e
 
     @property
     def include_usage(self) -> bool:
@@ -209,11 +274,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: dict | None = None
 
     def to_params(self) -> SamplingParams:
-        if self.response_format and self.response_format.get("type") != "text":
-            raise APIError(400, "response_format other than {'type': 'text'} is not supported", "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         use_completion = self.max_completion_tokens is not None

@@ -165,6 +165,18 @@ class OpenAIServing:
         except EngineFailed as e:
             raise _engine_error(e) from e
 
+    async def compile_grammar(self, req: p.CompletionRequest | p.ChatCompletionRequest, params: SamplingParams
+                              ) -> None:
+        """Compile the request's grammar in a worker thread, before it reaches the engine (which then finds it
+        cached): a wide schema takes milliseconds, a pathological one far longer, and neither may stall the loop or
+        the engine thread. A grammar that cannot compile is a 400 naming the field it came from."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.llm_engine.compile_grammar, params.structured_outputs)
+        except FieldError as e:
+            raise p.APIError(400, f"{req.structured_param}: {e.allowed}", req.structured_param) from e
+
     def check_draining(self) -> None:
         """Refuse early, before tokenizing, while the server shuts down."""
         if self.engine.draining:
@@ -180,6 +192,7 @@ class OpenAIServing:
         self.check_model(req.model)
         params = req.to_params()
         self.check_draining()
+        await self.compile_grammar(req, params)
         prompts = await asyncio.to_thread(req.prompts, self.tokenizer, self.max_prompt_chars)
         return await self.submit("cmpl", prompts, params, "prompt", arrival)
 
@@ -247,6 +260,7 @@ class OpenAIServing:
         params = req.to_params()
         req.check_tools(self.tool_parser)
         self.check_draining()
+        await self.compile_grammar(req, params)
         ids = await asyncio.to_thread(req.prompt_ids, self.tokenizer, self.max_prompt_chars)
         return await self.submit("chatcmpl", [(None, ids)], params, "messages", arrival)
 
