@@ -39,8 +39,8 @@ def scripted_sampler():
     real = engine_module.sample
     cache: dict[str, list[int]] = {}
 
-    def sample(logits, params, generators, prompt_ids, output_ids, eos_token_id):
-        result = real(logits, params, generators, prompt_ids, output_ids, eos_token_id)
+    def sample(logits, params, generators, prompt_ids, output_ids, eos_token_id, masks=None):
+        result = real(logits, params, generators, prompt_ids, output_ids, eos_token_id, masks)
         ids = cache[SCRIPT["text"]]
         result.token_ids = [ids[len(out)] if len(out) < len(ids) else eos_token_id for out in output_ids]
         return result
