@@ -2,7 +2,9 @@
 
 Routed experts are stored per expert in the hub layout (`mlp.experts.{j}.gate_proj.weight`) and stacked in
 openseek (`ffn.experts.w1[j]`). Loading reads one tensor at a time from memory-mapped files into a model
-built on the meta device, so peak memory is the model plus one tensor.
+built on the meta device, so peak memory is the model plus one tensor; quantised on load (int8, int4), it is the
+quantised model plus one float tensor. Quantised checkpoints use compressed-tensors' names (quant.py):
+`X.weight` + `X.weight_scale` (int8), `X.weight_packed` + `X.weight_scale` + `X.weight_shape` (int4).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -22,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from . import quant
 from .layers import Rotary
+from .quant import QuantizedWeight, QuantScheme
 from .transformer import Transformer
 
 GLOBAL_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
@@ -55,6 +60,30 @@ FP8_SCALE_SUFFIX = "_scale_inv"
 FP32_PARAMS = re.compile(r"ffn\.gate\.(weight|bias)$")  # the router stays float32 at any model dtype
 
 Slot = tuple[str, int | None]  # native parameter name, expert index into a stacked tensor (or None)
+PARTS = {"int8": ("weight", "weight_scale"), "int4": ("weight_packed", "weight_scale", "weight_shape")}
+
+
+def native_names(model: Transformer) -> list[str]:
+    """The state_dict's names, a QuantizedWeight's buffers counted once under the weight's own name."""
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+    out: dict[str, None] = {}
+    for name in model.state_dict():
+        owner = name.rpartition(".")[0]
+        out[owner if owner in quantized else name] = None
+    return list(out)
+
+
+def part_names(hf: str, scheme: QuantScheme) -> dict[str, str]:
+    """part -> tensor name in a quantised checkpoint, for the hub weight `hf` (`...q_proj.weight`)."""
+    base = hf.removesuffix("weight")
+    return {part: base + part for part in PARTS[scheme.name]}
+
+
+def part_shapes(shape: tuple[int, ...], scheme: QuantScheme) -> dict[str, tuple[int, ...]]:
+    O, I = shape
+    if scheme.name == "int8":
+        return {"weight": (O, I), "weight_scale": (O, 1)}
+    return {"weight_packed": (O, I // 8), "weight_scale": (O, I // scheme.group_size), "weight_shape": (2,)}
 
 
 def hf_names(model: Transformer) -> dict[str, Slot]:
@@ -64,7 +93,7 @@ def hf_names(model: Transformer) -> dict[str, Slot]:
     for hf, native in GLOBAL_NAMES.items():
         if not (native == "head.weight" and cfg.tie_word_embeddings):
             out[hf] = (native, None)
-    for native in model.state_dict():
+    for native in native_names(model):
         m = re.fullmatch(r"(layers|mtp)\.(\d+)\.(.+)", native)
         if not m:
             continue
@@ -142,9 +171,9 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     return w.float() * s
 
 
-def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot], with_mtp: bool) -> None:
-    cfg, params = model.config, model.state_dict()
-    missing = sorted(set(expected) - set(files))
+def _check(cfg: ModelConfig, files: dict[str, Path], want: dict[str, tuple[int, ...]], with_mtp: bool) -> None:
+    """Every tensor `want` names is in the files at its shape, and the files hold nothing else (MTP layers aside)."""
+    missing = sorted(set(want) - set(files))
     unexpected, misshaped = [], []
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, file in files.items():
@@ -156,16 +185,14 @@ def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot]
                     continue
                 m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
                 is_mtp = bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
-                if name not in expected:
+                if name not in want:
                     if not (is_mtp and (not with_mtp or m.group(2) in MTP_SHARED)) and \
                             not (name == "lm_head.weight" and cfg.tie_word_embeddings):
                         unexpected.append(name)
                     continue
-                native, j = expected[name]
-                want = tuple(params[native].shape[1:] if j is not None else params[native].shape)
                 got = tuple(st.get_slice(name).get_shape())
-                if got != want:
-                    misshaped.append(f"{name} in {file.name}: shape {list(got)}, expected {list(want)}")
+                if got != want[name]:
+                    misshaped.append(f"{name} in {file.name}: shape {list(got)}, expected {list(want[name])}")
     problems = [f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"] if missing else []
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
@@ -175,11 +202,27 @@ def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot]
         raise ValueError("checkpoint does not match its config.json: " + " | ".join(problems))
 
 
+def _stored_shapes(expected: dict[str, Slot], shapes: dict[str, tuple[int, ...]], stored: QuantScheme | None,
+                   quantized: dict[str, QuantizedWeight]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape: a hub weight's own, or its parts' where the checkpoint is quantised."""
+    want = {}
+    for name, (native, _) in expected.items():
+        if stored is not None and native in quantized:
+            want.update({part_names(name, stored)[p]: s for p, s in part_shapes(shapes[name], stored).items()})
+        else:
+            want[name] = shapes[name]
+    return want
+
+
 def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
-    """Swap meta tensors for uninitialised ones of the target dtype (float32 for the router)."""
+    """Swap meta tensors for uninitialised ones of the target dtype (float32 for the router); a QuantizedWeight's
+    keep theirs, zeroed (int4's scales carry zero-points, 0 in a symmetric scheme)."""
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        if isinstance(owner, QuantizedWeight):
+            owner._buffers[attr] = torch.zeros(p.shape, dtype=p.dtype, device=device)
+            continue
         dt = torch.float32 if FP32_PARAMS.search(name) else dtype
         t = torch.empty(p.shape, dtype=dt, device=device)
         if isinstance(p, torch.nn.Parameter):
@@ -191,25 +234,79 @@ def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -
         model.head.weight = model.embed.weight
 
 
+def _scheme(stored: QuantScheme | None, quantization: str | None, group_size: int,
+            quantize_head: bool) -> QuantScheme | None:
+    """The scheme to load with: a quantised checkpoint's own (quantization may only repeat its name), else the
+    one asked for."""
+    if stored is not None:
+        if quantization not in (None, stored.name):
+            raise ValueError(f"quantization={quantization!r} is invalid for this checkpoint: it is stored as "
+                             f"{stored.name} (load it with quantization={stored.name!r} or None)")
+        return stored
+    if quantization is None:
+        return None
+    return QuantScheme(quantization, group_size if quantization == "int4" else None, quantize_head)
+
+
+def _read_quantized(read, hf: str, scheme: QuantScheme, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantised checkpoint's int values (O, I) and scales of the hub weight `hf`."""
+    names = part_names(hf, scheme)
+    scale = read(names["weight_scale"])
+    if scheme.name == "int8":
+        q = read(names["weight"])
+        if q.dtype != torch.int8:
+            raise ValueError(f"{names['weight']}: dtype {q.dtype}, expected torch.int8 (format int-quantized)")
+        return q, scale.reshape(-1)
+    packed, stored_shape = read(names["weight_packed"]), read(names["weight_shape"]).tolist()
+    if packed.dtype != torch.int32 or stored_shape != list(shape):
+        raise ValueError(f"{names['weight_packed']}: dtype {packed.dtype} and weight_shape {stored_shape}, expected "
+                         f"torch.int32 and {list(shape)} (format pack-quantized)")
+    return quant.unpack_int32(packed, shape[1]), scale
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    mtp: bool = False) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3 folder; `mtp=True` also loads V3's multi-token-prediction layers."""
+                    mtp: bool = False, quantization: str | None = None, group_size: int = 128,
+                    quantize_head: bool = False) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2/V3 folder; `mtp=True` also loads V3's multi-token-prediction layers.
+
+    `quantization` "int8" or "int4" (groups of `group_size` inputs) quantises every matmul weight as it is read,
+    lm_head too if `quantize_head`; `dtype` is then the float type of the rest (embedding, norms) and of the
+    activations. A compressed-tensors checkpoint (openseek convert --quantize) loads as it is stored."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} is not a directory")
     cfg = ModelConfig.from_file(path)
+    stored = quant.scheme_of(cfg.quantization_config)
+    scheme = _scheme(stored, quantization, group_size, quantize_head)
     files = checkpoint_files(path)
     dtype = dtype or _checkpoint_dtype(cfg)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=mtp)
     expected = hf_names(model)
-    _check(model, files, expected, mtp)
-    _materialize(model, dtype, torch.device(device))
-    block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
     params = model.state_dict()
+    shapes = {name: tuple(params[n].shape[1:] if j is not None else params[n].shape)
+              for name, (n, j) in expected.items()}
+    qweights = quant.quantize_modules(model, scheme, dtype) if scheme else {}
+    _check(cfg, files, _stored_shapes(expected, shapes, stored, qweights), mtp)
+    _materialize(model, dtype, torch.device(device))
+    _read_all(model, path, files, expected, qweights, stored, shapes)
+    model.config = dataclasses.replace(cfg, quantization_config=scheme.to_config() if scheme else None,
+                                       torch_dtype=str(dtype).removeprefix("torch."))  # a copy: fp8 is dequantised
+    return model.eval()
+
+
+def _read_all(model: Transformer, path: Path, files: dict[str, Path], expected: dict[str, Slot],
+              qweights: dict[str, QuantizedWeight], stored: QuantScheme | None,
+              shapes: dict[str, tuple[int, ...]]) -> None:
+    """Copy, dequantise (fp8) or quantise every tensor into the materialised model, one tensor at a time."""
+    qc = model.config.quantization_config or {}
+    block = tuple(qc.get("weight_block_size", (128, 128)))
+    params = model.state_dict()
+    is_stored = {name: stored is not None and native in qweights for name, (native, _) in expected.items()}
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in expected:
-        by_file[files[name]].append(name)
+        first = next(iter(part_names(name, stored).values())) if is_stored[name] else name
+        by_file[files[first]].append(name)
     handles: dict[Path, Any] = {}  # open files, for scales that sit in another shard (DeepSeek-V3#2)
     stack = contextlib.ExitStack()
 
@@ -220,16 +317,19 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         return handles[file].get_tensor(name)
 
     with stack, torch.no_grad():
-        for file, names in by_file.items():
+        for names in by_file.values():
             for name in names:
+                native, j = expected[name]
+                if is_stored[name]:
+                    qweights[native].set_quantized(*_read_quantized(read, name, stored, shapes[name]), index=j)
+                    continue
                 t = read(name)
                 if (scale := name + FP8_SCALE_SUFFIX) in files:
                     t = dequantize_fp8(t, read(scale), block)
-                native, j = expected[name]
-                (params[native] if j is None else params[native][j]).copy_(t)
-    # a copy: the weights are dequantised now, in `dtype`
-    model.config = dataclasses.replace(cfg, quantization_config=None, torch_dtype=str(dtype).removeprefix("torch."))
-    return model.eval()
+                if native in qweights:
+                    qweights[native].set(t.to(model.device), j)
+                else:
+                    (params[native] if j is None else params[native][j]).copy_(t)
 
 
 def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -242,27 +342,48 @@ def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = 4 << 30) -> None:
     """Write config.json and safetensors shards (+ index when sharded) in the hub layout, one shard in memory
-    at a time. huggingface_hub plans the shards by each tensor's own bytes: its torch planner would group the
-    per-expert views of one stacked tensor into one shard, taking views of one storage for tied weights."""
+    at a time; a quantised model in compressed-tensors' layout, its scheme in config.json. huggingface_hub plans
+    the shards by each tensor's own bytes: its torch planner would group the per-expert views of one stacked
+    tensor into one shard, taking views of one storage for tied weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params, names = model.state_dict(), hf_names(model)
-
-    def tensor(hf: str) -> torch.Tensor:
-        native, j = names[hf]
-        if j is None:
-            return params[native].detach().to("cpu").contiguous()
-        return params[native][j].detach().to("cpu").clone()  # one expert: safetensors refuses shared-storage views
-
+    qweights = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+    scheme = quant.scheme_of(model.config.quantization_config) if qweights else None
+    entries: dict[str, tuple[int, Callable[[], torch.Tensor]]] = {}  # tensor name -> (bytes, its tensor on demand)
+    for hf, (native, j) in names.items():
+        if native in qweights:
+            entries.update(_quantized_entries(hf, qweights[native], j, scheme))
+            continue
+        t = params[native] if j is None else params[native][j]
+        # one expert cloned: safetensors refuses shared-storage views
+        entries[hf] = (t.numel() * t.element_size(), lambda t=t, j=j: t.detach().to("cpu").contiguous()
+                       if j is None else t.detach().to("cpu").clone())
     plan = split_state_dict_into_shards_factory(
-        {hf: params[native] if j is None else params[native][j] for hf, (native, j) in names.items()},
-        get_storage_size=lambda t: t.numel() * t.element_size(), filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size)
+        {name: size for name, (size, _) in entries.items()}, get_storage_size=lambda size: size,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
     for fname, shard_names in plan.filename_to_tensors.items():
-        save_file({hf: tensor(hf) for hf in shard_names}, path / fname, metadata={"format": "pt"})
+        save_file({name: entries[name][1]() for name in shard_names}, path / fname, metadata={"format": "pt"})
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch.")).save(path / "config.json")
+
+
+def _quantized_entries(hf: str, qw: QuantizedWeight, j: int | None, scheme: QuantScheme
+                       ) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
+    """The compressed-tensors parts of one quantised matrix: name -> (bytes, the tensor on demand)."""
+    O, I = qw.shape[-2:]
+    names, sizes = part_names(hf, scheme), part_shapes((O, I), scheme)
+    if scheme.name == "int8":
+        make = {"weight": lambda: qw.quantized(j)[0].cpu().clone(),
+                "weight_scale": lambda: qw.scales(j).reshape(O, 1).cpu().clone()}
+        item = {"weight": 1, "weight_scale": 2}
+    else:
+        make = {"weight_packed": lambda: quant.pack_int32(qw.quantized(j)[0].cpu()),
+                "weight_scale": lambda: qw.scales(j).cpu().contiguous(),
+                "weight_shape": lambda: torch.tensor([O, I], dtype=torch.int64)}
+        item = {"weight_packed": 4, "weight_scale": 2, "weight_shape": 8}
+    return {names[p]: (math.prod(sizes[p]) * item[p], make[p]) for p in make}
