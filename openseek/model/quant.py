@@ -162,6 +162,13 @@ class QuantizedWeight(nn.Module):
             self.register_buffer("scale", torch.zeros(*lead, I // group_size, rows, 2, dtype=SCALE_DTYPE,
                                                       device=device))
 
+    def _apply(self, fn, recurse: bool = True):
+        """model.to(dtype) changes the float type this weight stands for; its ints and bf16 scales stay."""
+        super()._apply(fn, recurse)
+        self.scale = self.scale.to(SCALE_DTYPE)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
     def extra_repr(self) -> str:
         return f"{self.scheme}, shape={self.shape}, group_size={self.group_size}, dtype={self.dtype}"
 
