@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -216,6 +217,59 @@ class QuantizedWeight(nn.Module):
         if self.scheme == "int8":
             return torch._weight_int8pack_mm(x, qw, sc)
         return torch._weight_int4pack_mm_for_cpu(x, qw, self.group_size, sc)[:, : self.shape[-2]]
+
+
+# ---- compressed-tensors checkpoints ----------------------------------------------------------------------------
+
+PARTS = {"int8": ("weight", "weight_scale"), "int4": ("weight_packed", "weight_scale", "weight_shape")}
+
+
+def part_names(hf: str, scheme: QuantScheme) -> dict[str, str]:
+    """part -> tensor name in a quantised checkpoint, for the hub weight `hf` (`...q_proj.weight`)."""
+    base = hf.removesuffix("weight")
+    return {part: base + part for part in PARTS[scheme.name]}
+
+
+def part_shapes(shape: tuple[int, ...], scheme: QuantScheme) -> dict[str, tuple[int, ...]]:
+    """part -> its shape in a quantised checkpoint, for a weight of shape (O, I)."""
+    O, I = shape
+    if scheme.name == "int8":
+        return {"weight": (O, I), "weight_scale": (O, 1)}
+    return {"weight_packed": (O, I // 8), "weight_scale": (O, I // scheme.group_size), "weight_shape": (2,)}
+
+
+def read_parts(read: Callable[[str], torch.Tensor], hf: str, scheme: QuantScheme,
+               shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantised checkpoint's int values (O, I) and scales of the hub weight `hf`, read by name with `read`."""
+    names = part_names(hf, scheme)
+    scale = read(names["weight_scale"])
+    if scheme.name == "int8":
+        q = read(names["weight"])
+        if q.dtype != torch.int8:
+            raise ValueError(f"{names['weight']}: dtype {q.dtype}, expected torch.int8 (format int-quantized)")
+        return q, scale.reshape(-1)
+    packed, stored_shape = read(names["weight_packed"]), read(names["weight_shape"]).tolist()
+    if packed.dtype != torch.int32 or stored_shape != list(shape):
+        raise ValueError(f"{names['weight_packed']}: dtype {packed.dtype} and weight_shape {stored_shape}, expected "
+                         f"torch.int32 and {list(shape)} (format pack-quantized)")
+    return unpack_int32(packed, shape[1]), scale
+
+
+def checkpoint_parts(hf: str, qw: QuantizedWeight, j: int | None, scheme: QuantScheme
+                     ) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
+    """The compressed-tensors parts of one quantised matrix: name -> (bytes, the tensor on demand)."""
+    O, I = qw.shape[-2:]
+    names, sizes = part_names(hf, scheme), part_shapes((O, I), scheme)
+    if scheme.name == "int8":
+        make = {"weight": lambda: qw.quantized(j)[0].cpu().clone(),
+                "weight_scale": lambda: qw.scales(j).reshape(O, 1).cpu().clone()}
+        item = {"weight": 1, "weight_scale": 2}
+    else:
+        make = {"weight_packed": lambda: pack_int32(qw.quantized(j)[0].cpu()),
+                "weight_scale": lambda: qw.scales(j).cpu().contiguous(),
+                "weight_shape": lambda: torch.tensor([O, I], dtype=torch.int64)}
+        item = {"weight_packed": 4, "weight_scale": 2, "weight_shape": 8}
+    return {names[p]: (math.prod(sizes[p]) * item[p], make[p]) for p in make}
 
 
 def quantize_modules(model: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> dict[str, QuantizedWeight]:

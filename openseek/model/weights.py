@@ -2,19 +2,18 @@
 
 Routed experts are stored per expert in the hub layout (`mlp.experts.{j}.gate_proj.weight`) and stacked in
 openseek (`ffn.experts.w1[j]`). Loading reads one tensor at a time from memory-mapped files into a model
-built on the meta device, so peak memory is the model plus one tensor; quantised on load (int8, int4), it is the
-quantised model plus one float tensor. Quantised checkpoints use compressed-tensors' names (quant.py):
+built on the meta device, read with pread rather than mapped, so peak memory is the model plus one tensor;
+quantised on load (int8, int4), the quantised model plus one float tensor and its quantisation's temporaries. Quantised checkpoints use compressed-tensors' names (quant.py):
 `X.weight` + `X.weight_scale` (int8), `X.weight_packed` + `X.weight_scale` + `X.weight_shape` (int4).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
+import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -60,9 +59,6 @@ FP8_SCALE_SUFFIX = "_scale_inv"
 FP32_PARAMS = re.compile(r"ffn\.gate\.(weight|bias)$")  # the router stays float32 at any model dtype
 
 Slot = tuple[str, int | None]  # native parameter name, expert index into a stacked tensor (or None)
-PARTS = {"int8": ("weight", "weight_scale"), "int4": ("weight_packed", "weight_scale", "weight_shape")}
-
-
 def native_names(model: Transformer) -> list[str]:
     """The state_dict's names, a QuantizedWeight's buffers counted once under the weight's own name."""
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
@@ -71,19 +67,6 @@ def native_names(model: Transformer) -> list[str]:
         owner = name.rpartition(".")[0]
         out[owner if owner in quantized else name] = None
     return list(out)
-
-
-def part_names(hf: str, scheme: QuantScheme) -> dict[str, str]:
-    """part -> tensor name in a quantised checkpoint, for the hub weight `hf` (`...q_proj.weight`)."""
-    base = hf.removesuffix("weight")
-    return {part: base + part for part in PARTS[scheme.name]}
-
-
-def part_shapes(shape: tuple[int, ...], scheme: QuantScheme) -> dict[str, tuple[int, ...]]:
-    O, I = shape
-    if scheme.name == "int8":
-        return {"weight": (O, I), "weight_scale": (O, 1)}
-    return {"weight_packed": (O, I // 8), "weight_scale": (O, I // scheme.group_size), "weight_shape": (2,)}
 
 
 def hf_names(model: Transformer) -> dict[str, Slot]:
@@ -157,6 +140,38 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Shard:
+    """Reads a safetensors file's tensors with pread, not mmap: a mapped page read once counts as resident until
+    the file is closed, so loading a 30 GB file would show 30 GB resident however little of it the model keeps.
+    Its header was validated by safe_open in _check."""
+
+    def __init__(self, file: Path):
+        self.file, self.fd = file, os.open(file, os.O_RDONLY)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header, self.base = json.loads(os.pread(self.fd, n, 8)), 8 + n
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        meta = self.header[name]
+        start, end = meta["data_offsets"]
+        buf, done = bytearray(end - start), 0
+        view = memoryview(buf)
+        while done < len(buf):  # one read returns at most ~2 GiB
+            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if got == 0:
+                raise ValueError(f"{self.file}: {name} is cut short (file truncated?)")
+            done += got
+        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+        return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).view(meta["shape"])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _open(file: Path):
     try:
         return safe_open(file, framework="pt")
@@ -208,7 +223,7 @@ def _stored_shapes(expected: dict[str, Slot], shapes: dict[str, tuple[int, ...]]
     want = {}
     for name, (native, _) in expected.items():
         if stored is not None and native in quantized:
-            want.update({part_names(name, stored)[p]: s for p, s in part_shapes(shapes[name], stored).items()})
+            want.update({quant.part_names(name, stored)[p]: s for p, s in quant.part_shapes(shapes[name], stored).items()})
         else:
             want[name] = shapes[name]
     return want
@@ -246,22 +261,6 @@ def _scheme(stored: QuantScheme | None, quantization: str | None, group_size: in
     if quantization is None:
         return None
     return QuantScheme(quantization, group_size if quantization == "int4" else None, quantize_head)
-
-
-def _read_quantized(read, hf: str, scheme: QuantScheme, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A quantised checkpoint's int values (O, I) and scales of the hub weight `hf`."""
-    names = part_names(hf, scheme)
-    scale = read(names["weight_scale"])
-    if scheme.name == "int8":
-        q = read(names["weight"])
-        if q.dtype != torch.int8:
-            raise ValueError(f"{names['weight']}: dtype {q.dtype}, expected torch.int8 (format int-quantized)")
-        return q, scale.reshape(-1)
-    packed, stored_shape = read(names["weight_packed"]), read(names["weight_shape"]).tolist()
-    if packed.dtype != torch.int32 or stored_shape != list(shape):
-        raise ValueError(f"{names['weight_packed']}: dtype {packed.dtype} and weight_shape {stored_shape}, expected "
-                         f"torch.int32 and {list(shape)} (format pack-quantized)")
-    return quant.unpack_int32(packed, shape[1]), scale
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -305,31 +304,37 @@ def _read_all(model: Transformer, path: Path, files: dict[str, Path], expected: 
     is_stored = {name: stored is not None and native in qweights for name, (native, _) in expected.items()}
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in expected:
-        first = next(iter(part_names(name, stored).values())) if is_stored[name] else name
+        first = next(iter(quant.part_names(name, stored).values())) if is_stored[name] else name
         by_file[files[first]].append(name)
     handles: dict[Path, Any] = {}  # open files, for scales that sit in another shard (DeepSeek-V3#2)
-    stack = contextlib.ExitStack()
 
     def read(name: str) -> torch.Tensor:
         file = files[name]
         if file not in handles:
-            handles[file] = stack.enter_context(_open(file))
+            handles[file] = _Shard(file)
         return handles[file].get_tensor(name)
 
-    with stack, torch.no_grad():
-        for names in by_file.values():
-            for name in names:
-                native, j = expected[name]
-                if is_stored[name]:
-                    qweights[native].set_quantized(*_read_quantized(read, name, stored, shapes[name]), index=j)
-                    continue
-                t = read(name)
-                if (scale := name + FP8_SCALE_SUFFIX) in files:
-                    t = dequantize_fp8(t, read(scale), block)
-                if native in qweights:
-                    qweights[native].set(t.to(model.device), j)
-                else:
-                    (params[native] if j is None else params[native][j]).copy_(t)
+    def close() -> None:
+        while handles:
+            handles.popitem()[1].close()
+
+    with torch.no_grad():
+        try:
+            for names in by_file.values():
+                for name in names:
+                    native, j = expected[name]
+                    if is_stored[name]:
+                        qweights[native].set_quantized(*quant.read_parts(read, name, stored, shapes[name]), index=j)
+                        continue
+                    t = read(name)
+                    if (scale := name + FP8_SCALE_SUFFIX) in files:
+                        t = dequantize_fp8(t, read(scale), block)
+                    if native in qweights:
+                        qweights[native].set(t.to(model.device), j)
+                    else:
+                        (params[native] if j is None else params[native][j]).copy_(t)
+        finally:
+            close()
 
 
 def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -353,7 +358,7 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
     entries: dict[str, tuple[int, Callable[[], torch.Tensor]]] = {}  # tensor name -> (bytes, its tensor on demand)
     for hf, (native, j) in names.items():
         if native in qweights:
-            entries.update(_quantized_entries(hf, qweights[native], j, scheme))
+            entries.update(quant.checkpoint_parts(hf, qweights[native], j, scheme))
             continue
         t = params[native] if j is None else params[native][j]
         # one expert cloned: safetensors refuses shared-storage views
@@ -370,20 +375,3 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch.")).save(path / "config.json")
-
-
-def _quantized_entries(hf: str, qw: QuantizedWeight, j: int | None, scheme: QuantScheme
-                       ) -> dict[str, tuple[int, Callable[[], torch.Tensor]]]:
-    """The compressed-tensors parts of one quantised matrix: name -> (bytes, the tensor on demand)."""
-    O, I = qw.shape[-2:]
-    names, sizes = part_names(hf, scheme), part_shapes((O, I), scheme)
-    if scheme.name == "int8":
-        make = {"weight": lambda: qw.quantized(j)[0].cpu().clone(),
-                "weight_scale": lambda: qw.scales(j).reshape(O, 1).cpu().clone()}
-        item = {"weight": 1, "weight_scale": 2}
-    else:
-        make = {"weight_packed": lambda: quant.pack_int32(qw.quantized(j)[0].cpu()),
-                "weight_scale": lambda: qw.scales(j).cpu().contiguous(),
-                "weight_shape": lambda: torch.tensor([O, I], dtype=torch.int64)}
-        item = {"weight_packed": 4, "weight_scale": 2, "weight_shape": 8}
-    return {names[p]: (math.prod(sizes[p]) * item[p], make[p]) for p in make}
