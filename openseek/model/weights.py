@@ -1,10 +1,11 @@
 """Checkpoint I/O: the one Hugging Face name <-> openseek name map, sharded safetensors, fp8 block dequant.
 
 Routed experts are stored per expert in the hub layout (`mlp.experts.{j}.gate_proj.weight`) and stacked in
-openseek (`ffn.experts.w1[j]`). Loading reads one tensor at a time from memory-mapped files into a model
-built on the meta device, read with pread rather than mapped, so peak memory is the model plus one tensor;
-quantised on load (int8, int4), the quantised model plus one float tensor and its quantisation's temporaries. Quantised checkpoints use compressed-tensors' names (quant.py):
-`X.weight` + `X.weight_scale` (int8), `X.weight_packed` + `X.weight_scale` + `X.weight_shape` (int4).
+openseek (`ffn.experts.w1[j]`). Loading reads one tensor at a time (with pread: a mapped file's pages count as
+resident once read) into a model built on the meta device, so peak memory is the model plus one tensor;
+quantised on load (int8, int4), the quantised model plus one float tensor and its quantisation's temporaries.
+Quantised checkpoints use compressed-tensors' names (quant.py): `X.weight` + `X.weight_scale` (int8),
+`X.weight_packed` + `X.weight_scale` + `X.weight_shape` (int4).
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ def _stored_shapes(expected: dict[str, Slot], shapes: dict[str, tuple[int, ...]]
     want = {}
     for name, (native, _) in expected.items():
         if stored is not None and native in quantized:
-            want.update({quant.part_names(name, stored)[p]: s for p, s in quant.part_shapes(shapes[name], stored).items()})
+            names = quant.part_names(name, stored)
+            want.update({names[p]: s for p, s in quant.part_shapes(shapes[name], stored).items()})
         else:
             want[name] = shapes[name]
     return want
