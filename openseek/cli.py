@@ -18,9 +18,10 @@ from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, format_info, summar
 
 
 BUNDLED_MODEL_NAME = "openseek-demo"  # the model id `openseek serve` gives the bundled model
-LOCAL_ENGINE_FIELDS = ("dtype", "device", "max_model_len")  # generate / chat: one sequence at a time
+LOCAL_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "quantization", "quantization_group_size")  # one sequence
 SERVE_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_memory", "block_size",
-                       "max_num_batched_tokens", "enable_prefix_caching", "seed", "max_waiting")
+                       "max_num_batched_tokens", "enable_prefix_caching", "seed", "max_waiting", "quantization",
+                       "quantization_group_size")
 
 
 class UsageError(Exception):
@@ -179,13 +180,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 # ---- convert ---------------------------------------------------------------------------------------------------
 def add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="rewrite a checkpoint in another dtype (fp8 blocks dequantised), tokenizer "
-                                       "files copied",
+    p = sub.add_parser("convert", help="rewrite a checkpoint in another dtype (fp8 blocks dequantised) or quantised "
+                                       "(int8, int4), tokenizer files copied",
                        description="Load SRC (any layout load_pretrained reads; MTP layers are not carried over) and "
-                                   "write it to DST in the hub layout at --dtype.")
+                                   "write it to DST in the hub layout at --dtype; with --quantize, in "
+                                   "compressed-tensors' int8 / int4 layout, which openseek and vLLM load.")
     p.add_argument("src", metavar="SRC", help="checkpoint folder")
     p.add_argument("dst", metavar="DST", help="output folder")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantisation of every matmul weight but the router's (and lm_head's)")
+    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default: 128)")
+    p.add_argument("--quantize-head", action="store_true", help="quantise lm_head too")
     p.set_defaults(run=cmd_convert)
 
 
@@ -203,13 +209,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if dst.resolve() == src.resolve():
         raise UsageError("DST must differ from SRC: the weights are read while DST is written")
     try:
-        save_pretrained(load_pretrained(src, dtype=getattr(torch, args.dtype)), dst)
+        model = load_pretrained(src, dtype=getattr(torch, args.dtype), quantization=args.quantize,
+                                group_size=args.group_size, quantize_head=args.quantize_head)
+        save_pretrained(model, dst)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
-    print(f"wrote {dst} ({args.dtype})")
+    print(f"wrote {dst} ({args.dtype}{', ' + args.quantize if args.quantize else ''})")
     return 0
 
 

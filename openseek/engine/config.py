@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.quant import GROUP_SIZES as QUANT_GROUP_SIZES
+from ..model.quant import SCHEMES as QUANT_SCHEMES
 from ..validation import check, is_int
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -33,6 +35,11 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse the cache of shared prompt prefixes"))
     seed: int = field(default=0, metadata=_help("seeds the draws of requests that give no seed"))
     max_waiting: int = field(default=256, metadata=_help("queued sequences before new requests are refused"))
+    quantization: str | None = field(default=None, metadata=_help(
+        "weight-only quantisation on load: int8 (per output channel) or int4 (groups of quantization_group_size "
+        "inputs); a quantised checkpoint loads as stored"))
+    quantization_group_size: int = field(default=128, metadata=_help(
+        "int4: input columns per scale, 32, 64, 128 or 256, dividing every weight's input dimension"))
 
     def __post_init__(self) -> None:
         own = "config field "
@@ -52,6 +59,10 @@ class EngineConfig:
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
               "must be a bool", own)
         check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
+        check(self.quantization in (None, *QUANT_SCHEMES), "quantization", self.quantization,
+              f"must be one of {', '.join(QUANT_SCHEMES)} or None", own)
+        check(self.quantization_group_size in QUANT_GROUP_SIZES, "quantization_group_size",
+              self.quantization_group_size, f"must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}", own)
 
     def model_len(self, max_position_embeddings: int) -> int:
         """max_model_len, or its default: the model's context, at most 8192 tokens."""

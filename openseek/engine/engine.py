@@ -107,9 +107,11 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None) -> LLMEngine:
-        """Load a model folder (weights at config.dtype on config.device, tokenizer.json if any) into an engine."""
+        """Load a model folder (weights at config.dtype on config.device, quantised as config.quantization says,
+        tokenizer.json if any) into an engine."""
         config = config or EngineConfig()
-        model = load_pretrained(path, dtype=config.dtype, device=config.device)
+        model = load_pretrained(path, dtype=config.dtype, device=config.device, quantization=config.quantization,
+                                group_size=config.quantization_group_size)
         return cls(model, Tokenizer.from_pretrained(path), config)
 
     @property

@@ -1,20 +1,23 @@
 """Checkpoint I/O: the one Hugging Face name <-> openseek name map, sharded safetensors, fp8 block dequant.
 
 Routed experts are stored per expert in the hub layout (`mlp.experts.{j}.gate_proj.weight`) and stacked in
-openseek (`ffn.experts.w1[j]`). Loading reads one tensor at a time from memory-mapped files into a model
-built on the meta device, so peak memory is the model plus one tensor.
+openseek (`ffn.experts.w1[j]`). Loading reads one tensor at a time (with pread: a mapped file's pages count as
+resident once read) into a model built on the meta device, so peak memory is the model plus one tensor;
+quantised on load (int8, int4), the quantised model plus one float tensor and its quantisation's temporaries.
+Quantised checkpoints use compressed-tensors' names (quant.py): `X.weight` + `X.weight_scale` (int8),
+`X.weight_packed` + `X.weight_scale` + `X.weight_shape` (int4).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
+import struct
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -22,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from . import quant
 from .layers import Rotary
+from .quant import QuantizedWeight, QuantScheme
 from .transformer import Transformer
 
 GLOBAL_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
@@ -55,6 +60,14 @@ FP8_SCALE_SUFFIX = "_scale_inv"
 FP32_PARAMS = re.compile(r"ffn\.gate\.(weight|bias)$")  # the router stays float32 at any model dtype
 
 Slot = tuple[str, int | None]  # native parameter name, expert index into a stacked tensor (or None)
+def native_names(model: Transformer) -> list[str]:
+    """The state_dict's names, a QuantizedWeight's buffers counted once under the weight's own name."""
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+    out: dict[str, None] = {}
+    for name in model.state_dict():
+        owner = name.rpartition(".")[0]
+        out[owner if owner in quantized else name] = None
+    return list(out)
 
 
 def hf_names(model: Transformer) -> dict[str, Slot]:
@@ -64,7 +77,7 @@ def hf_names(model: Transformer) -> dict[str, Slot]:
     for hf, native in GLOBAL_NAMES.items():
         if not (native == "head.weight" and cfg.tie_word_embeddings):
             out[hf] = (native, None)
-    for native in model.state_dict():
+    for native in native_names(model):
         m = re.fullmatch(r"(layers|mtp)\.(\d+)\.(.+)", native)
         if not m:
             continue
@@ -128,6 +141,38 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _Shard:
+    """Reads a safetensors file's tensors with pread, not mmap: a mapped page read once counts as resident until
+    the file is closed, so loading a 30 GB file would show 30 GB resident however little of it the model keeps.
+    Its header was validated by safe_open in _check."""
+
+    def __init__(self, file: Path):
+        self.file, self.fd = file, os.open(file, os.O_RDONLY)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header, self.base = json.loads(os.pread(self.fd, n, 8)), 8 + n
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        meta = self.header[name]
+        start, end = meta["data_offsets"]
+        buf, done = bytearray(end - start), 0
+        view = memoryview(buf)
+        while done < len(buf):  # one read returns at most ~2 GiB
+            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
+            if got == 0:
+                raise ValueError(f"{self.file}: {name} is cut short (file truncated?)")
+            done += got
+        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+        return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).view(meta["shape"])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _open(file: Path):
     try:
         return safe_open(file, framework="pt")
@@ -142,9 +187,9 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     return w.float() * s
 
 
-def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot], with_mtp: bool) -> None:
-    cfg, params = model.config, model.state_dict()
-    missing = sorted(set(expected) - set(files))
+def _check(cfg: ModelConfig, files: dict[str, Path], want: dict[str, tuple[int, ...]], with_mtp: bool) -> None:
+    """Every tensor `want` names is in the files at its shape, and the files hold nothing else (MTP layers aside)."""
+    missing = sorted(set(want) - set(files))
     unexpected, misshaped = [], []
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, file in files.items():
@@ -156,16 +201,14 @@ def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot]
                     continue
                 m = re.match(r"model\.layers\.(\d+)\.(.+)", name)
                 is_mtp = bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
-                if name not in expected:
+                if name not in want:
                     if not (is_mtp and (not with_mtp or m.group(2) in MTP_SHARED)) and \
                             not (name == "lm_head.weight" and cfg.tie_word_embeddings):
                         unexpected.append(name)
                     continue
-                native, j = expected[name]
-                want = tuple(params[native].shape[1:] if j is not None else params[native].shape)
                 got = tuple(st.get_slice(name).get_shape())
-                if got != want:
-                    misshaped.append(f"{name} in {file.name}: shape {list(got)}, expected {list(want)}")
+                if got != want[name]:
+                    misshaped.append(f"{name} in {file.name}: shape {list(got)}, expected {list(want[name])}")
     problems = [f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"] if missing else []
     if unexpected:
         problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}")
@@ -175,11 +218,28 @@ def _check(model: Transformer, files: dict[str, Path], expected: dict[str, Slot]
         raise ValueError("checkpoint does not match its config.json: " + " | ".join(problems))
 
 
+def _stored_shapes(expected: dict[str, Slot], shapes: dict[str, tuple[int, ...]], stored: QuantScheme | None,
+                   quantized: dict[str, QuantizedWeight]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape: a hub weight's own, or its parts' where the checkpoint is quantised."""
+    want = {}
+    for name, (native, _) in expected.items():
+        if stored is not None and native in quantized:
+            names = quant.part_names(name, stored)
+            want.update({names[p]: s for p, s in quant.part_shapes(shapes[name], stored).items()})
+        else:
+            want[name] = shapes[name]
+    return want
+
+
 def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
-    """Swap meta tensors for uninitialised ones of the target dtype (float32 for the router)."""
+    """Swap meta tensors for uninitialised ones of the target dtype (float32 for the router); a QuantizedWeight's
+    keep theirs, zeroed (int4's scales carry zero-points, 0 in a symmetric scheme)."""
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        if isinstance(owner, QuantizedWeight):
+            owner._buffers[attr] = torch.zeros(p.shape, dtype=p.dtype, device=device)
+            continue
         dt = torch.float32 if FP32_PARAMS.search(name) else dtype
         t = torch.empty(p.shape, dtype=dt, device=device)
         if isinstance(p, torch.nn.Parameter):
@@ -191,45 +251,92 @@ def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -
         model.head.weight = model.embed.weight
 
 
+def _scheme(stored: QuantScheme | None, quantization: str | None, group_size: int,
+            quantize_head: bool) -> QuantScheme | None:
+    """The scheme to load with: a quantised checkpoint's own (quantization may only repeat its name), else the
+    one asked for."""
+    if stored is not None:
+        if quantization not in (None, stored.name):
+            raise ValueError(f"quantization={quantization!r} is invalid for this checkpoint: it is stored as "
+                             f"{stored.name} (load it with quantization={stored.name!r} or None)")
+        return stored
+    if quantization is None:
+        return None
+    return QuantScheme(quantization, group_size if quantization == "int4" else None, quantize_head)
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    mtp: bool = False) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3 folder; `mtp=True` also loads V3's multi-token-prediction layers."""
+                    mtp: bool = False, quantization: str | None = None, group_size: int = 128,
+                    quantize_head: bool = False) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2/V3 folder; `mtp=True` also loads V3's multi-token-prediction layers.
+
+    `quantization` "int8" or "int4" (groups of `group_size` inputs) quantises every matmul weight as it is read,
+    lm_head too if `quantize_head`; `dtype` is then the float type of the rest (embedding, norms) and of the
+    activations. A compressed-tensors checkpoint (openseek convert --quantize) loads as it is stored."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} is not a directory")
     cfg = ModelConfig.from_file(path)
+    stored = quant.scheme_of(cfg.quantization_config)
+    scheme = _scheme(stored, quantization, group_size, quantize_head)
     files = checkpoint_files(path)
     dtype = dtype or _checkpoint_dtype(cfg)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=mtp)
     expected = hf_names(model)
-    _check(model, files, expected, mtp)
-    _materialize(model, dtype, torch.device(device))
-    block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
     params = model.state_dict()
+    shapes = {name: tuple(params[n].shape[1:] if j is not None else params[n].shape)
+              for name, (n, j) in expected.items()}
+    qweights = quant.quantize_modules(model, scheme, dtype) if scheme else {}
+    _check(cfg, files, _stored_shapes(expected, shapes, stored, qweights), mtp)
+    _materialize(model, dtype, torch.device(device))
+    _read_all(model, path, files, expected, qweights, stored, shapes)
+    model.config = dataclasses.replace(cfg, quantization_config=scheme.to_config() if scheme else None,
+                                       torch_dtype=str(dtype).removeprefix("torch."))  # a copy: fp8 is dequantised
+    return model.eval()
+
+
+def _read_all(model: Transformer, path: Path, files: dict[str, Path], expected: dict[str, Slot],
+              qweights: dict[str, QuantizedWeight], stored: QuantScheme | None,
+              shapes: dict[str, tuple[int, ...]]) -> None:
+    """Copy, dequantise (fp8) or quantise every tensor into the materialised model, one tensor at a time."""
+    qc = model.config.quantization_config or {}
+    block = tuple(qc.get("weight_block_size", (128, 128)))
+    params = model.state_dict()
+    is_stored = {name: stored is not None and native in qweights for name, (native, _) in expected.items()}
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in expected:
-        by_file[files[name]].append(name)
+        first = next(iter(quant.part_names(name, stored).values())) if is_stored[name] else name
+        by_file[files[first]].append(name)
     handles: dict[Path, Any] = {}  # open files, for scales that sit in another shard (DeepSeek-V3#2)
-    stack = contextlib.ExitStack()
 
     def read(name: str) -> torch.Tensor:
         file = files[name]
         if file not in handles:
-            handles[file] = stack.enter_context(_open(file))
+            handles[file] = _Shard(file)
         return handles[file].get_tensor(name)
 
-    with stack, torch.no_grad():
-        for file, names in by_file.items():
-            for name in names:
-                t = read(name)
-                if (scale := name + FP8_SCALE_SUFFIX) in files:
-                    t = dequantize_fp8(t, read(scale), block)
-                native, j = expected[name]
-                (params[native] if j is None else params[native][j]).copy_(t)
-    # a copy: the weights are dequantised now, in `dtype`
-    model.config = dataclasses.replace(cfg, quantization_config=None, torch_dtype=str(dtype).removeprefix("torch."))
-    return model.eval()
+    def close() -> None:
+        while handles:
+            handles.popitem()[1].close()
+
+    with torch.no_grad():
+        try:
+            for names in by_file.values():
+                for name in names:
+                    native, j = expected[name]
+                    if is_stored[name]:
+                        qweights[native].set_quantized(*quant.read_parts(read, name, stored, shapes[name]), index=j)
+                        continue
+                    t = read(name)
+                    if (scale := name + FP8_SCALE_SUFFIX) in files:
+                        t = dequantize_fp8(t, read(scale), block)
+                    if native in qweights:
+                        qweights[native].set(t.to(model.device), j)
+                    else:
+                        (params[native] if j is None else params[native][j]).copy_(t)
+        finally:
+            close()
 
 
 def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -242,26 +349,30 @@ def _checkpoint_dtype(cfg: ModelConfig) -> torch.dtype:
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = 4 << 30) -> None:
     """Write config.json and safetensors shards (+ index when sharded) in the hub layout, one shard in memory
-    at a time. huggingface_hub plans the shards by each tensor's own bytes: its torch planner would group the
-    per-expert views of one stacked tensor into one shard, taking views of one storage for tied weights."""
+    at a time; a quantised model in compressed-tensors' layout, its scheme in config.json. huggingface_hub plans
+    the shards by each tensor's own bytes: its torch planner would group the per-expert views of one stacked
+    tensor into one shard, taking views of one storage for tied weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     params, names = model.state_dict(), hf_names(model)
-
-    def tensor(hf: str) -> torch.Tensor:
-        native, j = names[hf]
-        if j is None:
-            return params[native].detach().to("cpu").contiguous()
-        return params[native][j].detach().to("cpu").clone()  # one expert: safetensors refuses shared-storage views
-
+    qweights = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+    scheme = quant.scheme_of(model.config.quantization_config) if qweights else None
+    entries: dict[str, tuple[int, Callable[[], torch.Tensor]]] = {}  # tensor name -> (bytes, its tensor on demand)
+    for hf, (native, j) in names.items():
+        if native in qweights:
+            entries.update(quant.checkpoint_parts(hf, qweights[native], j, scheme))
+            continue
+        t = params[native] if j is None else params[native][j]
+        # one expert cloned: safetensors refuses shared-storage views
+        entries[hf] = (t.numel() * t.element_size(), lambda t=t, j=j: t.detach().to("cpu").contiguous()
+                       if j is None else t.detach().to("cpu").clone())
     plan = split_state_dict_into_shards_factory(
-        {hf: params[native] if j is None else params[native][j] for hf, (native, j) in names.items()},
-        get_storage_size=lambda t: t.numel() * t.element_size(), filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size)
+        {name: size for name, (size, _) in entries.items()}, get_storage_size=lambda size: size,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
     for fname, shard_names in plan.filename_to_tensors.items():
-        save_file({hf: tensor(hf) for hf in shard_names}, path / fname, metadata={"format": "pt"})
+        save_file({name: entries[name][1]() for name in shard_names}, path / fname, metadata={"format": "pt"})
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
