@@ -190,7 +190,9 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantisation of every matmul weight but the router's (and lm_head's)")
-    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default: 128)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4: input columns per scale (default: 128, or the largest smaller size dividing every "
+                        "weight's input dimension)")
     p.add_argument("--quantize-head", action="store_true", help="quantise lm_head too")
     p.set_defaults(run=cmd_convert)
 

@@ -226,6 +226,17 @@ def test_unknown_scheme_and_indivisible_group_are_named(tiny):
         LLM(tiny, quantization="int4", quantization_group_size=100)
 
 
+def test_int4_without_a_group_size_takes_the_largest_that_divides_every_input(tiny, tmp_path):
+    model = openseek.load_pretrained(tiny, quantization="int4")  # inputs 32 (kv_lora_rank) and wider: 128 fails
+    assert model.config.quantization_config["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(model(ids), openseek.load_pretrained(tiny, quantization="int4", group_size=32)(ids),
+                               rtol=0, atol=0)
+    from openseek.cli import main
+
+    assert main(["convert", str(tiny), str(tmp_path / "q"), "--quantize", "int4"]) == 0
+
+
 @pytest.fixture(scope="module")
 def int4_checkpoint(tiny, tmp_path_factory):
     dst = tmp_path_factory.mktemp("int4") / "ckpt"

@@ -38,8 +38,9 @@ class EngineConfig:
     quantization: str | None = field(default=None, metadata=_help(
         "weight-only quantisation on load: int8 (per output channel) or int4 (groups of quantization_group_size "
         "inputs); a quantised checkpoint loads as stored"))
-    quantization_group_size: int = field(default=128, metadata=_help(
-        "int4: input columns per scale, 32, 64, 128 or 256, dividing every weight's input dimension"))
+    quantization_group_size: int | None = field(default=None, metadata=_help(
+        "int4: input columns per scale, 32, 64, 128 or 256, dividing every weight's input dimension "
+        "(default: 128, or the largest smaller size that divides them all)"))
 
     def __post_init__(self) -> None:
         own = "config field "
@@ -61,8 +62,9 @@ class EngineConfig:
         check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
         check(self.quantization in (None, *QUANT_SCHEMES), "quantization", self.quantization,
               f"must be one of {', '.join(QUANT_SCHEMES)} or None", own)
-        check(self.quantization_group_size in QUANT_GROUP_SIZES, "quantization_group_size",
-              self.quantization_group_size, f"must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}", own)
+        check(self.quantization_group_size is None or self.quantization_group_size in QUANT_GROUP_SIZES,
+              "quantization_group_size", self.quantization_group_size,
+              f"must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, or None", own)
 
     def model_len(self, max_position_embeddings: int) -> int:
         """max_model_len, or its default: the model's context, at most 8192 tokens."""

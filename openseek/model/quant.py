@@ -272,20 +272,40 @@ def checkpoint_parts(hf: str, qw: QuantizedWeight, j: int | None, scheme: QuantS
     return {names[p]: (math.prod(sizes[p]) * item[p], make[p]) for p in make}
 
 
-def quantize_modules(model: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
-    """Put a QuantizedWeight (on the meta device) wherever the scheme quantises a weight: every Linear's and the
-    routed experts' stacks, lm_head only if scheme.head (never when tied to the embedding). -> native name: weight.
-
-    Matched by parameter name, not by importing the model's classes: quant.py sits below the model files."""
-    out = {}
-    for name, p in list(model.named_parameters()):
+def _targets(model: nn.Module, head: bool) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of every weight a scheme quantises: every Linear's and the routed experts' stacks, lm_head
+    only if `head` (never when tied to the embedding). Matched by parameter name, not by importing the model's
+    classes: quant.py sits below the model files."""
+    out = []
+    for name, p in model.named_parameters():
         owner_name, _, attr = name.rpartition(".")
         is_linear = attr == "weight" and p.dim() == 2 and isinstance(model.get_submodule(owner_name), nn.Linear)
         is_experts = attr in ("w1", "w2", "w3") and p.dim() == 3
-        if not (is_linear or is_experts) or (name == "head.weight" and not scheme.head):
+        if not (is_linear or is_experts) or (name == "head.weight" and not head):
             continue
         if name == "head.weight" and model.get_submodule("head").weight is model.get_submodule("embed").weight:
             continue
+        out.append((name, p))
+    return out
+
+
+def default_group_size(model: nn.Module, head: bool) -> int:
+    """int4's group size when none is asked for: 128 (the common choice), else the largest smaller one that divides
+    every quantised weight's input dimension (small models have 64- or 96-wide inputs)."""
+    dims = {p.shape[-1] for _, p in _targets(model, head)}
+    fits = [g for g in GROUP_SIZES if g <= 128 and all(d % g == 0 for d in dims)]
+    if not fits:
+        raise ValueError(f"int4 needs input dimensions divisible by {GROUP_SIZES[0]}: this model has "
+                         f"{sorted(d for d in dims if d % GROUP_SIZES[0])}; use int8")
+    return max(fits)
+
+
+def quantize_modules(model: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> dict[str, QuantizedWeight]:
+    """Put a QuantizedWeight (on the meta device) in place of every weight the scheme quantises (_targets).
+    -> native name: weight."""
+    out = {}
+    for name, p in _targets(model, scheme.head):
+        owner_name, _, attr = name.rpartition(".")
         if scheme.name == "int4" and p.shape[-1] % scheme.group_size:
             raise ValueError(f"int4 group_size={scheme.group_size} does not divide {name}'s input dimension "
                              f"{p.shape[-1]} (shape {list(p.shape)}): choose one of {GROUP_SIZES} that does")

@@ -251,10 +251,10 @@ def _materialize(model: Transformer, dtype: torch.dtype, device: torch.device) -
         model.head.weight = model.embed.weight
 
 
-def _scheme(stored: QuantScheme | None, quantization: str | None, group_size: int,
+def _scheme(model: Transformer, stored: QuantScheme | None, quantization: str | None, group_size: int | None,
             quantize_head: bool) -> QuantScheme | None:
     """The scheme to load with: a quantised checkpoint's own (quantization may only repeat its name), else the
-    one asked for."""
+    one asked for (int4 without a group size: quant.default_group_size)."""
     if stored is not None:
         if quantization not in (None, stored.name):
             raise ValueError(f"quantization={quantization!r} is invalid for this checkpoint: it is stored as "
@@ -262,15 +262,18 @@ def _scheme(stored: QuantScheme | None, quantization: str | None, group_size: in
         return stored
     if quantization is None:
         return None
+    if quantization == "int4" and group_size is None:
+        group_size = quant.default_group_size(model, quantize_head)
     return QuantScheme(quantization, group_size if quantization == "int4" else None, quantize_head)
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    mtp: bool = False, quantization: str | None = None, group_size: int = 128,
+                    mtp: bool = False, quantization: str | None = None, group_size: int | None = None,
                     quantize_head: bool = False) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 folder; `mtp=True` also loads V3's multi-token-prediction layers.
 
-    `quantization` "int8" or "int4" (groups of `group_size` inputs) quantises every matmul weight as it is read,
+    `quantization` "int8" or "int4" (groups of `group_size` inputs; None: 128 where it divides every input
+    dimension, else the largest size that does) quantises every matmul weight as it is read,
     lm_head too if `quantize_head`; `dtype` is then the float type of the rest (embedding, norms) and of the
     activations. A compressed-tensors checkpoint (openseek convert --quantize) loads as it is stored."""
     path = Path(path)
@@ -278,11 +281,11 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
         raise FileNotFoundError(f"model path {path} is not a directory")
     cfg = ModelConfig.from_file(path)
     stored = quant.scheme_of(cfg.quantization_config)
-    scheme = _scheme(stored, quantization, group_size, quantize_head)
     files = checkpoint_files(path)
     dtype = dtype or _checkpoint_dtype(cfg)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=mtp)
+    scheme = _scheme(model, stored, quantization, group_size, quantize_head)
     expected = hf_names(model)
     params = model.state_dict()
     shapes = {name: tuple(params[n].shape[1:] if j is not None else params[n].shape)
