@@ -62,7 +62,8 @@ def tool_call_grammar(tools: list[Tool], choice: str | NamedToolChoice, parser: 
     A named function: exactly one call of it. "required": one or more calls (one when parallel is false), each of
     any of the tools, as vLLM's "required" allows a list. A call's arguments are `%json` of the function's
     parameters, so they validate against them. The tags are text literals: llguidance tokenizes each lexeme, so a
-    tokenizer that spells a tag in several tokens is forced through them one by one.
+    tokenizer that spells a tag in several tokens is forced through them one by one (one that marks a tag special
+    would have it spelled in plain tokens too: llguidance keeps special tokens for `<name>` references).
     """
     fmt = TOOL_PARSERS[parser]
     allowed = [t for t in tools if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
