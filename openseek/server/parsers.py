@@ -76,6 +76,12 @@ class _DeepSeekToolParser:
     calls_begin, calls_end = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
     call_begin, call_end, sep = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
     args_end: str  # what closes a call's arguments
+    between = ""  # what the chat template writes between two calls
+
+    @classmethod
+    def call_parts(cls, name: str) -> tuple[str, str]:
+        """(the text before a call's arguments, the text after them), as the chat template writes the call."""
+        raise NotImplementedError
 
     def __init__(self):
         self._buf, self._state = "", "content"
@@ -170,6 +176,11 @@ class DeepSeekV3ToolParser(_DeepSeekToolParser):
 
     fence = "\n```json\n"
     args_end = "\n```" + _DeepSeekToolParser.call_end
+    between = "\n"
+
+    @classmethod
+    def call_parts(cls, name: str) -> tuple[str, str]:
+        return f"{cls.call_begin}function{cls.sep}{name}{cls.fence}", cls.args_end
 
     def header(self, buf: str) -> tuple[str, int] | None:
         i = buf.find(self.sep)
@@ -181,6 +192,10 @@ class DeepSeekV31ToolParser(_DeepSeekToolParser):
     """`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>` (DeepSeek-V3.1)."""
 
     args_end = _DeepSeekToolParser.call_end
+
+    @classmethod
+    def call_parts(cls, name: str) -> tuple[str, str]:
+        return f"{cls.call_begin}{name}{cls.sep}", cls.args_end
 
     def header(self, buf: str) -> tuple[str, int] | None:
         i = buf.find(self.sep)

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from ..engine import SamplingParams, StructuredOutputsParams
 from ..validation import FieldError
-from .tools import NamedToolChoice, Tool, ToolCallItem, choice_text
+from .constraints import ResponseFormat, StructuredOutputs, for_chat, requested
+from .tools import NamedToolChoice, Tool, ToolCallItem, choice_text, forces_a_call
 
 TokenStr = Callable[[int], str]  # token id -> its text, as shown in logprobs
 
@@ -73,33 +74,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-    name: str | None = None
-    description: str | None = None
-    json_schema: dict | None = Field(None, alias="schema")  # "schema" would shadow BaseModel.schema
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's response_format, and vLLM's structural_tag type (its structures and triggers)."""
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
-    json_schema: JsonSchemaFormat | None = None
-    structures: list[dict] | None = None
-    triggers: list[str] | None = None
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's structured_outputs extra field: exactly one constraint (its other options are accepted, unused)."""
-    model_config = ConfigDict(populate_by_name=True)
-    json_: dict | str | None = Field(None, alias="json")  # "json" would shadow BaseModel.json
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    structural_tag: dict | str | None = None
-
-
 class _Sampling(BaseModel):
     """The fields both endpoints share."""
 
@@ -131,23 +105,9 @@ class _Sampling(BaseModel):
         """The field a grammar came from, which a 400 about it names."""
         return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
-    def _structured(self) -> StructuredOutputsParams | None:
-        rf, so = self.response_format, self.structured_outputs
-        if rf is not None and rf.type != "text" and so is not None:
-            raise APIError(400, "set response_format or structured_outputs, not both", "structured_outputs")
-        if so is not None:
-            return StructuredOutputsParams(**so.model_dump(by_alias=True, exclude_none=True))
-        if rf is None or rf.type == "text":
-            return None
-        if rf.type == "json_object":
-            return StructuredOutputsParams(json_object=True)
-        if rf.type == "structural_tag":
-            return StructuredOutputsParams(structural_tag={"structures": rf.structures or [],
-                                                           "triggers": rf.triggers or []})
-        if rf.json_schema is None or rf.json_schema.json_schema is None:
-            raise APIError(400, "response_format of type json_schema needs json_schema.schema",
-                           "response_format.json_schema")
-        return StructuredOutputsParams(json=rf.json_schema.json_schema)
+    def _structured(self, **chat) -> StructuredOutputsParams | None:
+        """The constraint response_format / structured_outputs asks for (chat's adds tools and reasoning)."""
+        return requested(self.response_format, self.structured_outputs)
 
     def _logit_bias(self) -> dict[int, float] | None:
         """OpenAI's token id strings as ints (the engine checks the range)."""
@@ -163,7 +123,7 @@ class _Sampling(BaseModel):
         return bias
 
     def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
-                names: dict[str, str] | None = None) -> SamplingParams:
+                names: dict[str, str] | None = None, **chat) -> SamplingParams:
         fields = ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "stop", "top_k",
                   "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens")
         kw: dict[str, Any] = {k: v for k in fields if (v := getattr(self, k)) is not None}
@@ -171,7 +131,7 @@ class _Sampling(BaseModel):
         if prompt_logprobs is not None:
             kw["prompt_logprobs"] = prompt_logprobs
         try:
-            kw["structured_outputs"] = self._structured()
+            kw["structured_outputs"] = self._structured(**chat)
             return SamplingParams(**kw)
         except FieldError as e:
             field = self.structured_param if e.field.startswith("structured_outputs") else e.field
@@ -274,15 +234,27 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: "required" allows exactly one call
 
-    def to_params(self) -> SamplingParams:
+    def to_params(self, tool_parser: str | None = None, reasoning_end: str | None = None) -> SamplingParams:
+        """The engine's parameters; a forced tool_choice (checked by check_tools first) or a response format
+        becomes a grammar that applies after reasoning_end, the reasoning parser's end tag, when there is one."""
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         use_completion = self.max_completion_tokens is not None
         max_tokens = self.max_completion_tokens if use_completion else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         names = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens" if use_completion else "max_tokens"}
-        return self._params(max_tokens, logprobs, names=names)
+        return self._params(max_tokens, logprobs, names=names, tool_parser=tool_parser, reasoning_end=reasoning_end)
+
+    def _structured(self, tool_parser: str | None = None, reasoning_end: str | None = None
+                    ) -> StructuredOutputsParams | None:
+        return for_chat(self.response_format, self.structured_outputs, self.tools, self.tool_choice,
+                        self.parallel_tool_calls is not False, tool_parser, reasoning_end)
+
+    @property
+    def structured_param(self) -> str:
+        return "tools" if forces_a_call(self.tool_choice) else super().structured_param
 
     @field_validator("tool_choice", mode="before")
     @classmethod

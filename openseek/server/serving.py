@@ -25,8 +25,8 @@ from ..validation import FieldError
 from . import protocol as p
 from .async_engine import AsyncEngine, Draining, EngineFailed
 from .metrics import Metrics
-from .parsers import OutputParser, ToolCall, check_names, tags
-from .tools import NamedToolChoice, choice_text, unmet_tool_choice
+from .parsers import REASONING_PARSERS, OutputParser, ToolCall, check_names, tags
+from .tools import choice_text, forces_a_call, unmet_tool_choice
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class OpenAIServing:
         self.engine, self.model_name, self.metrics, self.pricing = engine, model_name, metrics, pricing
         check_names(reasoning_parser, tool_parser)
         self.reasoning_parser, self.tool_parser = reasoning_parser, tool_parser
+        # a chat output's grammar applies after the reasoning: the model thinks freely first
+        self.reasoning_end = REASONING_PARSERS[reasoning_parser].end if reasoning_parser else None
         self.tokenizer = engine.llm_engine.tokenizer
         _warn_dropped_tags(self.tokenizer, reasoning_parser, tool_parser)
         # a longer text cannot fit in max_model_len tokens, so it is refused before it is tokenized
@@ -257,8 +259,8 @@ class OpenAIServing:
         arrival = time.perf_counter()
         p.check_unicode(req)
         self.check_model(req.model)
-        params = req.to_params()
         req.check_tools(self.tool_parser)
+        params = req.to_params(self.tool_parser, self.reasoning_end)
         self.check_draining()
         await self.compile_grammar(req, params)
         ids = await asyncio.to_thread(req.prompt_ids, self.tokenizer, self.max_prompt_chars)
@@ -346,18 +348,14 @@ def _finish_reason(reason: str | None, parser: OutputParser) -> str | None:
 
 
 def _check_tool_choice(req: p.ChatCompletionRequest, calls: list[ToolCall], reason: str | None) -> None:
-    """Log an output that breaks tool_choice "required" or a named function.
-
-    Nothing constrains decoding to a call yet (that needs the grammar-constrained sampler), so the output is
-    returned as the model wrote it; this is the seam where a constrained request would be checked.
-    """
-    choice = req.tool_choice
-    forced = choice == "required" or isinstance(choice, NamedToolChoice)
-    if not forced or reason not in ("stop", "tool_calls"):
+    """Log a finished output that breaks tool_choice "required" or a named function, which its grammar rules out
+    unless a stop string or stop token cut the call; the output goes back as written."""
+    if not forces_a_call(req.tool_choice) or reason not in ("stop", "tool_calls"):
         return
-    problem = unmet_tool_choice(choice, req.tools or [], calls)
+    problem = unmet_tool_choice(req.tool_choice, req.tools or [], calls)
     if problem is not None:
-        logger.warning("tool_choice %s not met (decoding is not constrained yet): %s", choice_text(choice), problem)
+        logger.warning("tool_choice %s not met under its grammar (cut by a stop?): %s", choice_text(req.tool_choice),
+                       problem)
 
 
 def _error_event(job: _Job, e: Exception) -> bytes:

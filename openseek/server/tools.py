@@ -1,5 +1,5 @@
-"""OpenAI's tool objects (the request's tools and tool_choice, an assistant's tool calls) and the check of a
-finished output against tool_choice "required" or a named function."""
+"""OpenAI's tool objects (the request's tools and tool_choice, an assistant's tool calls), the grammar that forces
+a call under tool_choice "required" or a named function, and the check of a finished output against that choice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .parsers import ToolCall
+from .parsers import TOOL_PARSERS, ToolCall
+
+# compact JSON arguments, as in the engine's json constraint: free whitespace lets a model that writes code pad forever
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # OpenAI: parameters left out
 
 
 class FunctionCall(BaseModel):
@@ -46,6 +50,37 @@ class NamedToolChoice(BaseModel):
 
 def choice_text(choice: str | NamedToolChoice) -> str:
     return repr(choice) if isinstance(choice, str) else f"{{function: {choice.function.name!r}}}"
+
+
+def forces_a_call(choice: str | NamedToolChoice | None) -> bool:
+    return choice == "required" or isinstance(choice, NamedToolChoice)
+
+
+def tool_call_grammar(tools: list[Tool], choice: str | NamedToolChoice, parser: str, parallel: bool = True) -> str:
+    """llguidance Lark for the whole output under a forced tool_choice, in the tool-call parser's format.
+
+    A named function: exactly one call of it. "required": one or more calls (one when parallel is false), each of
+    any of the tools, as vLLM's "required" allows a list. A call's arguments are `%json` of the function's
+    parameters, so they validate against them. The tags are text literals: llguidance tokenizes each lexeme, so a
+    tokenizer that spells a tag in several tokens is forced through them one by one (one that marks a tag special
+    would have it spelled in plain tokens too: llguidance keeps special tokens for `<name>` references).
+    """
+    fmt = TOOL_PARSERS[parser]
+    allowed = [t for t in tools if not isinstance(choice, NamedToolChoice) or t.function.name == choice.function.name]
+    rules = []
+    for i, tool in enumerate(allowed):
+        before, after = fmt.call_parts(tool.function.name)
+        schema = {"x-guidance": COMPACT_JSON, **(tool.function.parameters or NO_PARAMETERS)}
+        rules.append(f"call_{i}: {_lit(before)} %json {json.dumps(schema, ensure_ascii=False)} {_lit(after)}")
+    more = f"({_lit(fmt.between)} call)*" if fmt.between else "call*"
+    calls = f"call {more}" if parallel and not isinstance(choice, NamedToolChoice) else "call"
+    start = f"start: {_lit(fmt.calls_begin)} {calls} {_lit(fmt.calls_end)}"
+    return "\n".join([start, "call: " + " | ".join(f"call_{i}" for i in range(len(allowed))), *rules])
+
+
+def _lit(text: str) -> str:
+    """A Lark string literal (JSON's escapes are Lark's)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def unmet_tool_choice(choice: str | NamedToolChoice, tools: list[Tool], calls: list[ToolCall]) -> str | None:
