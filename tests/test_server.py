@@ -197,6 +197,33 @@ def test_echo_logprobs_score_the_prompt_like_transformers(server, model, offline
     assert first.logprobs.token_logprobs[0] is None and len(first.logprobs.tokens) == len(ids) + 1
 
 
+def test_lm_eval_loglikelihood_batch_scores_like_the_offline_engine(server, model, offline):
+    """lm-eval 0.4's local-completions payload, batched: one context (longer than a cache block, so the second
+    send meets the prefix cache) and three continuations; its parse, sum(token_logprobs[ctxlen:-1]) and the greedy
+    check against top_logprobs, must give the offline engine's prompt logprobs."""
+    context = [model[1].config.bos_token_id, *range(40, 60)]  # 21 tokens: a full block of 16 is cached after the first send
+    prompts = [context + cont for cont in ([70], [71, 72], [73, 74, 75])]
+    want = offline.generate([{"prompt_token_ids": ids} for ids in prompts],
+                            SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
+    payload = {"model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}
+    for _ in range(2):
+        r = httpx.post(f"{server.url}/v1/completions", json=payload, timeout=60)
+        assert r.status_code == 200, r.text
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        assert [c["index"] for c in choices] == [0, 1, 2]
+        for ids, out, c in zip(prompts, want, choices):
+            lp = c["logprobs"]
+            assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+            expected = [e[t] for t, e in zip(ids[1:], out.prompt_logprobs[1:])]
+            assert lp["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-5)
+            scored, tops = lp["token_logprobs"][len(context):-1], lp["top_logprobs"][len(context):-1]
+            assert sum(scored) == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-4)
+            greedy = all(out.prompt_logprobs[p][ids[p]] == max(out.prompt_logprobs[p].values())
+                         for p in range(len(context), len(ids)))
+            assert all(t == max(top.values()) for t, top in zip(scored, tops)) == greedy
+
+
 # ---- load -------------------------------------------------------------------------------------------------------
 def test_64_concurrent_streams_get_offline_tokens_and_free_the_cache(server, offline):
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(64)]
