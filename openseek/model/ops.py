@@ -81,6 +81,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
+def rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rms_norm in five plain ops, bit-identical to it: F.rms_norm's CPU composite costs twice as much per call,
+    and a decode step makes two per layer on a single row."""
+    if x.dtype == torch.float32:  # the casts would be no-ops, each still a dispatch
+        return weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps)))
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))).to(x.dtype)
+
+
 def rms_norm_training(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """rms_norm with a hand-written backward, emitting autocast's dtype: a norm feeds matmuls, one cast here."""
     return _RMSNormFunction.apply(x, weight, eps, autocast_dtype(x))
@@ -191,7 +200,7 @@ def experts_inference(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_
     N, K = ids_NK.shape
     if N == 1:  # batch-1 decode: the K experts straight on the token, no sort or scatter
         ys_KD = torch.cat([swiglu(x_ND, w1[e], w2[e], w3[e], linear_one_row_mv) for e in ids_NK[0].tolist()])
-        return torch.mm(weights_NK.to(ys_KD.dtype), ys_KD).to(x_ND.dtype)  # (1, D)
+        return _cast(torch.mm(_cast(weights_NK, ys_KD.dtype), ys_KD), x_ND.dtype)  # (1, D)
     order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
     counts_E = torch.bincount(ids_NK.flatten(), minlength=w1.shape[0])
     token_of = order // K
@@ -206,6 +215,11 @@ def experts_inference(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_
                            for e, xe in enumerate(xs_MD.split(counts_E.tolist())) if len(xe)])
     ys_MD = ys_MD * weights_NK.flatten()[order, None].to(ys_MD.dtype)
     return torch.zeros_like(x_ND).index_add_(0, token_of, ys_MD.to(x_ND.dtype))
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x.to(dtype) without the dispatch when it would be a no-op (several per layer of a decode step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, x_ND: Tensor,
@@ -243,4 +257,4 @@ class Kernels:
 
 REFERENCE = Kernels(linear_dense, rms_norm, attention_reference, experts_reference)
 TRAINING = Kernels(linear_dense, rms_norm_training, attention_sdpa, experts_padded)
-INFERENCE = Kernels(linear_inference, rms_norm, attention_sdpa, experts_inference)
+INFERENCE = Kernels(linear_inference, rms_norm_inference, attention_sdpa, experts_inference)
