@@ -64,13 +64,13 @@ class MLA(nn.Module):
             q = self.wq_b(self.q_norm(self.wq_a(x, kernels), kernels), kernels)
         q = q.unflatten(-1, (self.n_heads, -1))  # (B, S, H, Q + R)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, freqs_cis)
+        return q_nope, (kernels.rope or apply_rope)(q_pe, freqs_cis)
 
     def project_kv(self, x: torch.Tensor, freqs_cis: torch.Tensor,
                    kernels: Kernels = TRAINING) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches per token: normalised latent c_kv (B, S, C) and rotated k_pe (B, S, R)."""
         c_kv, k_pe = self.wkv_a(x, kernels).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c_kv, kernels), apply_rope(k_pe, freqs_cis)
+        return self.kv_norm(c_kv, kernels), (kernels.rope or apply_rope)(k_pe, freqs_cis)
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                         mask: torch.Tensor | None = None, kernels: Kernels = TRAINING) -> torch.Tensor:
