@@ -94,11 +94,13 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--new-fields", default="", help="EngineConfig fields of the new side, as k=v,k=v (ints/bools)")
+    p.add_argument("--old-fields", default="", help="the same for the old side (fields it knows)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     old = import_revision(args.old)
-    fields = {k: eval(v) for k, v in (kv.split("=") for kv in args.new_fields.split(",") if kv)}  # noqa: S307
-    print(machine_line(), f"| old {args.old} vs working tree {fields or ''}")
+    fields, old_fields = ({k: eval(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}  # noqa: S307
+                          for text in (args.new_fields, args.old_fields))
+    print(machine_line(), f"| old {args.old} {old_fields or ''} vs working tree {fields or ''}")
     cases, rows = {}, []
     for model in args.models.split(","):
         path = openseek.BUNDLED_MODEL if model == "bundled" else BENCH_CHECKPOINT
@@ -106,7 +108,7 @@ def main() -> None:
             for b in map(int, args.batches.split(",")):
                 key = (model, dtype, b)
                 plen = PROMPT_LEN[model]
-                cases[key] = (case_engine(old, path, getattr(torch, dtype), b, args.new_tokens, plen),
+                cases[key] = (case_engine(old, path, getattr(torch, dtype), b, args.new_tokens, plen, **old_fields),
                               case_engine(openseek, path, getattr(torch, dtype), b, args.new_tokens, plen, **fields))
     times = {key: ([], []) for key in cases}
     tokens = {key: {} for key in cases}

@@ -34,8 +34,10 @@ class ModelRunner:
         self.kv_cache = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.kv_cache_dim,
                                     dtype=model.dtype, device=model.device)
         # decode steps as one graph: per-op dispatch, not bandwidth, bounds a small model's decode step; dynamic,
-        # so that batch size and context length compile once, not once per value
-        self._decode = torch.compile(model.hidden_states_paged, dynamic=True) if compile else None
+        # so that batch size and context length compile once, not once per value; the C++ wrapper calls the
+        # graph's kernels without a Python line per op (bundled model, batch 1: 2.8 against 3.7 ms a step)
+        self._decode = torch.compile(model.hidden_states_paged, dynamic=True, options={"cpp_wrapper": True}) \
+            if compile else None
 
     @property
     def cache_bytes(self) -> int:
