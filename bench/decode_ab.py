@@ -3,12 +3,12 @@
     python bench/decode_ab.py OLD_REV [--models bundled,bench] [--dtypes float32,bfloat16] [--batches 1,16]
                               [--rounds 7] [--new-tokens 32]
 
-OLD_REV's `openseek` package is exported (git archive) under another name and imported beside the working tree's
-(the package imports itself only relatively), so both run in one process on the same loaded weights' files. Each
-round generates every (model, dtype, batch) case once per side, alternating, so load from other processes falls on
-both alike, and within a round the two engines take their decode steps in turn (prefill excluded), so drift at
-the scale of one step (this machine's other jobs) falls on both too. Prints the median
-step time of each side, the median of the paired steps' ratios old / new, and checks both sides' greedy tokens agree.
+OLD_REV's `openseek` package is exported (git archive) as `openseek_old` and imported beside the working tree's
+(the package imports itself only relatively), so both run in one process on the same weights' files. Each round
+runs every (model, dtype, batch) case on both sides, the two engines taking their decode steps in turn (prefill
+excluded), so the load of other processes falls on both alike. The first round warms up (and compiles, with
+--new-fields compile=True). Prints each side's median step time, the median of the paired steps' ratios
+old / new, and whether both sides' greedy tokens agree. --old-fields / --new-fields set EngineConfig fields.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def import_revision(rev: str) -> object:
 
 
 def case_engine(pkg, path: Path, dtype: torch.dtype, batch: int, new_tokens: int, plen: int, **fields):
-    """An engine of `pkg` and a function queueing `batch` greedy requests on it (their tokens: out)."""
+    """An engine of `pkg`, and a function queueing `batch` greedy requests of fixed random prompts on it."""
     llm = pkg.LLM(str(path), dtype=dtype, max_num_seqs=batch, enable_prefix_caching=False,
                   max_model_len=plen + new_tokens + 16, **fields)
     engine = llm.llm_engine

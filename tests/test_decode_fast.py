@@ -106,3 +106,8 @@ def test_compiled_decode_gives_the_eager_tokens(bundled, caplog):
     assert "compiled decode failed" not in caplog.text  # the graph itself ran, not the fallback
     assert compiled == greedy(bundled, batch, 12)
     assert greedy(bundled, batch[:1], 12, compile=True) == compiled[:1]  # batch 1: its own graph
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(ValueError, match="compile"):
+        openseek.EngineConfig(compile="yes")

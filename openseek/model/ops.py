@@ -82,8 +82,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """rms_norm in five plain ops, bit-identical to it: F.rms_norm's CPU composite costs twice as much per call,
-    and a decode step makes two per layer on a single row."""
+    """rms_norm in five plain ops, bit-identical to it (tested): F.rms_norm runs the same ops on CPU as a
+    composite, plus two no-op casts in float32; a decode step makes three norms a layer on single rows."""
     if x.dtype == torch.float32:  # the casts would be no-ops, each still a dispatch
         return weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps)))
     xf = x.float()
