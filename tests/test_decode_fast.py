@@ -3,8 +3,13 @@ kernel against the one it replaces, and the compiled decode (EngineConfig.compil
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,15 +102,33 @@ def test_a_failing_compiled_decode_falls_back_to_eager_and_says_why(bundled, cap
     assert runner._decode is None and "no compiler here" in caplog.text
 
 
+COMPILED_RUN = """
+import json, logging, sys
+import torch, openseek
+from openseek import BUNDLED_MODEL
+sys.path.insert(0, sys.argv[1])
+from test_decode_fast import greedy, prompts
+logging.basicConfig(level=logging.WARNING)
+model = openseek.load_pretrained(BUNDLED_MODEL, dtype=torch.float32)
+batch = prompts(3, seed=2)
+print(json.dumps([greedy(model, batch, 12, compile=True), greedy(model, batch[:1], 12, compile=True),
+                  greedy(model, batch, 12)]))
+"""
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor's CPU code generation needs a C++ compiler")
-def test_compiled_decode_gives_the_eager_tokens(bundled, caplog):
-    batch = prompts(3, seed=2)
-    with caplog.at_level(logging.WARNING):
-        compiled = greedy(bundled, batch, 12, compile=True)
-    assert "compiled decode failed" not in caplog.text  # the graph itself ran, not the fallback
-    assert compiled == greedy(bundled, batch, 12)
-    assert greedy(bundled, batch[:1], 12, compile=True) == compiled[:1]  # batch 1: its own graph
+def test_compiled_decode_gives_the_eager_tokens():
+    # in a process of its own: inductor's state left in the test process made a later torch.multiprocessing
+    # spawn (test_distributed) abort
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", COMPILED_RUN, str(tests)], capture_output=True, text=True,
+                         timeout=900, check=True, env=env)
+    assert "compiled decode failed" not in out.stderr  # the graph itself ran, not the fallback
+    compiled, compiled_one, eager = json.loads(out.stdout.splitlines()[-1])
+    assert compiled == eager
+    assert compiled_one == eager[:1]  # batch 1: its own graph
 
 
 def test_compile_must_be_a_bool():
