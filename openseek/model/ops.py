@@ -1,9 +1,9 @@
 """Kernels: the one dispatch between the model's math and its fast paths, each fast path beside its reference.
 
 A forward's entry point picks one kernel set and passes it down: the dense forward (training, parity tests) runs
-TRAINING, the paged forward the batch's set (INFERENCE unless the engine names another). Modules call
-`kernels.linear`, `.rms_norm`, `.attention`, `.routed_experts` and never inspect grad mode, dtype or device: that
-happens here. A weight is a tensor or a QuantizedWeight (quant.py): every `linear` and `routed_experts` takes both,
+TRAINING, the paged forward the batch's set (INFERENCE unless the engine names another: COMPILED for decode steps
+under torch.compile). Modules call `kernels.linear`, `.rms_norm`, `.attention`, `.routed_experts`, `.rope` and
+never inspect grad mode, dtype or device: that happens here. A weight is a tensor or a QuantizedWeight (quant.py): every `linear` and `routed_experts` takes both,
 the reference and training ones by dequantising, INFERENCE's through PyTorch's weight-only CPU kernels.
 
 Shapes: B batch, H heads, S query tokens, T key tokens, N tokens (flattened), D model dim, F expert hidden dim,
