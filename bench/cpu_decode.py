@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--gguf-dir", default=None, help="llama.cpp: a folder of MODEL-{f32,f16,q8_0,q4_0}.gguf files")
     p.add_argument("--no-load-rss", action="store_true", help="skip the per-format load subprocesses")
+    p.add_argument("--compile", action="store_true", help="also time each format with EngineConfig.compile "
+                   "(rows 'FORMAT compiled'; the first generate of each compiles, outside the timing)")
     return p.parse_args()
 
 
@@ -62,11 +64,12 @@ def int4_group(path: Path) -> int:
     return next(g for g in (128, 64, 32) if all(d % g == 0 for d in dims))
 
 
-def load(path: Path, fmt: str, max_model_len: int) -> openseek.LLM:
-    dtype, quantization, head = FORMATS[fmt]
+def load(path: Path, fmt: str, max_model_len: int, compile: bool = False) -> openseek.LLM:
+    dtype, quantization, head = FORMATS[fmt.removesuffix(" compiled")]
     model = openseek.load_pretrained(path, dtype=dtype, quantization=quantization, group_size=int4_group(path),
                                      quantize_head=head)
-    return openseek.LLM(model, max_num_seqs=1, max_model_len=max_model_len, enable_prefix_caching=False)
+    return openseek.LLM(model, max_num_seqs=1, max_model_len=max_model_len, enable_prefix_caching=False,
+                        compile=compile)
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -110,7 +113,11 @@ def stream_bandwidth(gib: float = 1.0) -> float:
 
 def openseek_rows(name: str, path: Path, formats: list[str], args: argparse.Namespace) -> list[list[str]]:
     plen = PROMPT_LEN[name]
-    llms = {fmt: load(path, fmt, -(-(plen + args.new_tokens) // 16) * 16) for fmt in formats}  # whole blocks
+    max_len = -(-(plen + args.new_tokens) // 16) * 16  # whole blocks
+    llms = {fmt: load(path, fmt, max_len) for fmt in formats}
+    if args.compile:
+        llms |= {f"{fmt} compiled": load(path, fmt, max_len, compile=True) for fmt in formats}
+        formats = list(llms)
     vocab = llms[formats[0]].llm_engine.model.config.vocab_size
     prompt = {"prompt_token_ids": torch.randint(0, vocab, (plen,), generator=torch.Generator().manual_seed(0))
               .tolist()}
@@ -127,7 +134,7 @@ def openseek_rows(name: str, path: Path, formats: list[str], args: argparse.Name
     for fmt in formats:
         per_token = (times[fmt, args.new_tokens].min_s - times[fmt, 1].min_s) / (args.new_tokens - 1)
         held, read = weight_bytes(llms[fmt].llm_engine.model)
-        rss = float("nan") if args.no_load_rss else load_rss_gib(path, fmt)
+        rss = float("nan") if args.no_load_rss or fmt.endswith("compiled") else load_rss_gib(path, fmt)
         rows.append([name, f"openseek {fmt}", f"{1 / per_token:.1f}", f"{held / 2**20:.0f}", f"{rss:.2f}",
                      f"{read / per_token / 1e9:.1f}", f"{100 * read / per_token / bandwidth:.0f}%"])
     imports = "" if args.no_load_rss else f", peak RSS of the imports alone {load_rss_gib(path, None):.2f} GiB"

@@ -21,7 +21,8 @@ def counting(kernels: Kernels, calls: Counter) -> Kernels:
             calls[name] += 1
             return fn(*args)
         return counted
-    return Kernels(**{f.name: wrap(f.name, getattr(kernels, f.name)) for f in dataclasses.fields(Kernels)})
+    return Kernels(**{f.name: wrap(f.name, fn) if (fn := getattr(kernels, f.name)) is not None else None
+                      for f in dataclasses.fields(Kernels)})
 
 
 def test_each_forward_runs_exactly_the_kernels_it_is_given():

@@ -41,6 +41,9 @@ class EngineConfig:
     quantization_group_size: int | None = field(default=None, metadata=_help(
         "int4: input columns per scale, 32, 64, 128 or 256, dividing every weight's input dimension "
         "(default: 128, or the largest smaller size that divides them all)"))
+    compile: bool = field(default=False, metadata=_help(
+        "run decode steps as a torch.compile graph (inductor; needs a C++ compiler on CPU; the first steps of each "
+        "batch shape compile for tens of seconds); eager, with a logged reason, where compilation fails"))
 
     def __post_init__(self) -> None:
         own = "config field "
@@ -59,6 +62,7 @@ class EngineConfig:
                   own)
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
               "must be a bool", own)
+        check(isinstance(self.compile, bool), "compile", self.compile, "must be a bool", own)
         check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
         check(self.quantization in (None, *QUANT_SCHEMES), "quantization", self.quantization,
               f"must be one of {', '.join(QUANT_SCHEMES)} or None", own)

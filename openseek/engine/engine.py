@@ -92,7 +92,7 @@ class LLMEngine:
                              f"({bytes_per_token} bytes each): must hold max_model_len={self.max_model_len}",
                              "config field ")
         try:
-            self.runner = ModelRunner(model, num_blocks, config.block_size)
+            self.runner = ModelRunner(model, num_blocks, config.block_size, config.compile)
         except (RuntimeError, OverflowError, MemoryError, TypeError) as e:  # torch refuses a cache this size
             raise FieldError("kv_cache_memory", kv_cache_memory, f"could not be allocated on {model.device} "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})", "config field ") from None

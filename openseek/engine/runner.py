@@ -6,13 +6,17 @@ R rope dim.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..model import Transformer
 from ..model.batch import ForwardBatch
+from ..model.ops import COMPILED
 from .scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -22,13 +26,18 @@ class RunOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, compile: bool = False):
         cfg = model.config
         self.model, self.block_size = model, block_size
         model.absorb_weights()  # the absorbed path's W_UK / W_UV^T, built once from the loaded weights
         # The latent cache and nothing else: per layer and token, c_kv (C) and the rotated k_pe (R).
         self.kv_cache = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.kv_cache_dim,
                                     dtype=model.dtype, device=model.device)
+        # decode steps as one graph: per-op dispatch, not bandwidth, bounds a small model's decode step; dynamic,
+        # so that batch size and context length compile once, not once per value; the C++ wrapper calls the
+        # graph's kernels without a Python line per op
+        self._decode = torch.compile(model.hidden_states_paged, dynamic=True, options={"cpp_wrapper": True}) \
+            if compile else None
 
     @property
     def cache_bytes(self) -> int:
@@ -60,7 +69,18 @@ class ModelRunner:
             num_decodes=batch.num_decodes,
             block_size=L,
         )
-        h = self.model.hidden_states_paged(torch.tensor(ids, dtype=torch.long, device=dev), fb, self.kv_cache)  # (N, D)
+        h = self._hidden_states(torch.tensor(ids, dtype=torch.long, device=dev), fb)  # (N, D)
         sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
         chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
         return RunOutput(sample, chunks)
+
+    def _hidden_states(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """The forward: all-decode batches through the compiled graph when there is one, else eager."""
+        if self._decode is not None and fb.num_decodes == len(fb.query_lens):
+            try:
+                return self._decode(ids, fb, self.kv_cache, COMPILED)
+            except Exception as e:  # no C++ compiler, an op inductor cannot lower: eager is always right
+                logger.warning("compiled decode failed (%s: %s); decoding eagerly from now on", type(e).__name__,
+                               str(e).splitlines()[0] if str(e) else "")
+                self._decode = None
+        return self.model.hidden_states_paged(ids, fb, self.kv_cache)  # a rerun rewrites the same cache rows

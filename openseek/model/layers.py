@@ -94,9 +94,12 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
     x: (B, S, ..., R); freqs_cis: (B, S, R/2) complex, broadcast over the middle dims.
     """
-    freqs_cis = freqs_cis.view(freqs_cis.shape[:2] + (1,) * (x.dim() - 3) + freqs_cis.shape[2:])
-    xf = x.float()
+    if x.dim() > 3:
+        freqs_cis = freqs_cis.view(freqs_cis.shape[:2] + (1,) * (x.dim() - 3) + freqs_cis.shape[2:])
+    # a decode step ropes two single rows per layer: casts that would be no-ops are skipped, not dispatched
+    xf = x if x.dtype == torch.float32 else x.float()
     if xf.storage_offset() % 2 or any(s % 2 for s in xf.stride()[:-1]):  # view_as_complex needs pairs aligned
         xf = xf.contiguous()
     x_c = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (..., R/2)
-    return torch.view_as_real(x_c * freqs_cis).flatten(-2).to(x.dtype)
+    out = torch.view_as_real(x_c * freqs_cis).flatten(-2)  # (..., R) float32
+    return out if x.dtype == torch.float32 else out.to(x.dtype)

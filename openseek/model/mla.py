@@ -64,13 +64,13 @@ class MLA(nn.Module):
             q = self.wq_b(self.q_norm(self.wq_a(x, kernels), kernels), kernels)
         q = q.unflatten(-1, (self.n_heads, -1))  # (B, S, H, Q + R)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, freqs_cis)
+        return q_nope, (kernels.rope or apply_rope)(q_pe, freqs_cis)
 
     def project_kv(self, x: torch.Tensor, freqs_cis: torch.Tensor,
                    kernels: Kernels = TRAINING) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches per token: normalised latent c_kv (B, S, C) and rotated k_pe (B, S, R)."""
         c_kv, k_pe = self.wkv_a(x, kernels).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c_kv, kernels), apply_rope(k_pe, freqs_cis)
+        return self.kv_norm(c_kv, kernels), (kernels.rope or apply_rope)(k_pe, freqs_cis)
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                         mask: torch.Tensor | None = None, kernels: Kernels = TRAINING) -> torch.Tensor:
@@ -97,7 +97,8 @@ class MLA(nn.Module):
         scores = scores.view(B, S, H, -1)  # (B, S, H, T)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        p = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # (B, S, H, T)
+        p = scores.softmax(-1, dtype=torch.float32)  # (B, S, H, T)
+        p = p if p.dtype == q.dtype else p.to(q.dtype)
         o_lat = torch.bmm(p.view(B, S * H, -1), latents[..., :C]).view(B * S, H, C)  # (B*S, H, C)
         o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t)  # (H, B*S, U)
         return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, U)
@@ -119,12 +120,13 @@ class MLA(nn.Module):
         """Packed queries (N, H, .) over each sequence's cached latents. -> (N, H, U)"""
         outs, nd = [], batch.num_decodes
         if nd:  # all decodes in one absorbed call, padded to the longest context
-            latents = cache[batch.decode_slots]  # (B, T, C + R)
+            slots = batch.decode_slots
+            latents = cache.index_select(0, slots.flatten()).view(*slots.shape, -1)  # (B, T, C + R)
             outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], latents, batch.decode_mask)[:, 0])
         start = nd
         for i in range(nd, len(batch.query_lens)):  # prefill chunks, one sequence at a time
             S, T = batch.query_lens[i], batch.context_lens[i]
-            latents = cache[batch.gather_slots(i, T)]  # (T, C + R)
+            latents = cache.index_select(0, batch.gather_slots(i, T))  # (T, C + R)
             qn, qp = q_nope[start:start + S, None], q_pe[start:start + S, None]  # (S, 1, H, .)
             mask = torch.arange(T, device=cache.device)[None] <= torch.arange(T - S, T, device=cache.device)[:, None]
             if S * PREFILL_ABSORB_RATIO <= T:  # a short chunk over a long context: absorbed is cheaper

@@ -38,7 +38,7 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> gate weights (N, K) float32, expert ids (N, K), full scores (N, E) float32."""
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        logits_NE = F.linear(_as_float32(x_ND), _as_float32(self.weight))
         scores_NE = logits_NE.softmax(-1) if self.scoring == "softmax" else logits_NE.sigmoid()
         choice_NE = scores_NE if self.bias is None else scores_NE + self.bias.float()
         if self.method != "greedy" and self.n_group > 1:  # as HF's V3, noaux_tc groups score their top 2
@@ -55,7 +55,7 @@ class Router(nn.Module):
             weights_NK = weights_NK * self.scaling
         elif self.top_k > 1 and self.norm_topk_prob:  # V2 remote code: renormalise *instead of* scaling
             weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
-        else:
+        elif self.scaling != 1.0:
             weights_NK = weights_NK * self.scaling
         return weights_NK, ids_NK, scores_NE
 
@@ -69,6 +69,11 @@ class Router(nn.Module):
         keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
         keep_NG.scatter_(1, group_NG.topk(keep, dim=-1).indices, True)
         return by_group.masked_fill(~keep_NG[..., None], fill).view(N, E)
+
+
+def _as_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32; x itself when it already is (a decode step routes one row per layer: no no-op casts)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 class Experts(nn.Module):

@@ -1,9 +1,9 @@
 """Kernels: the one dispatch between the model's math and its fast paths, each fast path beside its reference.
 
 A forward's entry point picks one kernel set and passes it down: the dense forward (training, parity tests) runs
-TRAINING, the paged forward the batch's set (INFERENCE unless the engine names another). Modules call
-`kernels.linear`, `.rms_norm`, `.attention`, `.routed_experts` and never inspect grad mode, dtype or device: that
-happens here. A weight is a tensor or a QuantizedWeight (quant.py): every `linear` and `routed_experts` takes both,
+TRAINING, the paged forward the batch's set (INFERENCE unless the engine names another: COMPILED for decode steps
+under torch.compile). Modules call `kernels.linear`, `.rms_norm`, `.attention`, `.routed_experts`, `.rope` and
+never inspect grad mode, dtype or device: that happens here. A weight is a tensor or a QuantizedWeight (quant.py): every `linear` and `routed_experts` takes both,
 the reference and training ones by dequantising, INFERENCE's through PyTorch's weight-only CPU kernels.
 
 Shapes: B batch, H heads, S query tokens, T key tokens, N tokens (flattened), D model dim, F expert hidden dim,
@@ -79,6 +79,15 @@ def linear_one_row_mv(x: Tensor, weight: Tensor) -> Tensor:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """The reference: statistics in float32 (bf16 overflows otherwise), the weight after the cast back."""
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def rms_norm_inference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """rms_norm in five plain ops, bit-identical to it (tested): F.rms_norm runs the same ops on CPU as a
+    composite, plus two no-op casts in float32; a decode step makes three norms a layer on single rows."""
+    if x.dtype == torch.float32:  # the casts would be no-ops, each still a dispatch
+        return weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps)))
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))).to(x.dtype)
 
 
 def rms_norm_training(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -191,21 +200,57 @@ def experts_inference(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_
     N, K = ids_NK.shape
     if N == 1:  # batch-1 decode: the K experts straight on the token, no sort or scatter
         ys_KD = torch.cat([swiglu(x_ND, w1[e], w2[e], w3[e], linear_one_row_mv) for e in ids_NK[0].tolist()])
-        return torch.mm(weights_NK.to(ys_KD.dtype), ys_KD).to(x_ND.dtype)  # (1, D)
+        return _cast(torch.mm(_cast(weights_NK, ys_KD.dtype), ys_KD), x_ND.dtype)  # (1, D)
+    if _use_grouped_mm(N * K, w1.shape[0]):
+        return experts_grouped_mm(w1, w2, w3, x_ND, weights_NK, ids_NK)
     order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
     counts_E = torch.bincount(ids_NK.flatten(), minlength=w1.shape[0])
     token_of = order // K
     xs_MD = x_ND[token_of]  # grouped by expert
-    if hasattr(torch, "_grouped_mm") and N * K >= len(counts_E):
-        offs = counts_E.cumsum(0).to(torch.int32)
-        h_MF = F.silu(torch._grouped_mm(xs_MD, w1.transpose(1, 2), offs=offs)) \
-            * torch._grouped_mm(xs_MD, w3.transpose(1, 2), offs=offs)
-        ys_MD = torch._grouped_mm(h_MF, w2.transpose(1, 2), offs=offs)
-    else:  # grouped_mm visits every expert, empty or not: for a few tokens a loop over the hit ones is cheaper
-        ys_MD = torch.cat([swiglu(xe, w1[e], w2[e], w3[e], linear_one_row_mv)
-                           for e, xe in enumerate(xs_MD.split(counts_E.tolist())) if len(xe)])
+    # grouped_mm visits every expert, empty or not: for a few tokens a loop over the hit ones is cheaper
+    ys_MD = torch.cat([swiglu(xe, w1[e], w2[e], w3[e], linear_one_row_mv)
+                       for e, xe in enumerate(xs_MD.split(counts_E.tolist())) if len(xe)])
     ys_MD = ys_MD * weights_NK.flatten()[order, None].to(ys_MD.dtype)
     return torch.zeros_like(x_ND).index_add_(0, token_of, ys_MD.to(x_ND.dtype))
+
+
+def _use_grouped_mm(pairs: int, n_experts: int) -> bool:
+    return hasattr(torch, "_grouped_mm") and pairs >= n_experts
+
+
+def experts_grouped_mm(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor
+                       ) -> Tensor:
+    """One grouped GEMM per projection over the (token, expert) pairs sorted by expert: no per-expert Python."""
+    K = ids_NK.shape[1]
+    order = ids_NK.flatten().argsort(stable=True)  # (N*K,) pairs sorted by expert
+    offs = torch.bincount(ids_NK.flatten(), minlength=w1.shape[0]).cumsum(0).to(torch.int32)  # (E,)
+    token_of = order // K
+    xs_MD = x_ND[token_of]  # grouped by expert
+    h_MF = F.silu(torch._grouped_mm(xs_MD, w1.transpose(1, 2), offs=offs)) \
+        * torch._grouped_mm(xs_MD, w3.transpose(1, 2), offs=offs)
+    ys_MD = torch._grouped_mm(h_MF, w2.transpose(1, 2), offs=offs)
+    ys_MD = ys_MD * weights_NK.flatten()[order, None].to(ys_MD.dtype)
+    return torch.zeros_like(x_ND).index_add_(0, token_of, ys_MD.to(x_ND.dtype))
+
+
+def experts_gathered(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor
+                     ) -> Tensor:
+    """COMPILED's experts, with no data-dependent shape or Python (what a compiled graph needs): each (token,
+    expert) pair's weights gathered and run as a batch of GEMVs. The gather copies N * K experts' weights, small
+    beside per-op dispatch on a small model's experts (the case compile is for), not on a large one's."""
+    if isinstance(w1, QuantizedWeight):
+        return experts_quantized(w1, w2, w3, x_ND, weights_NK, ids_NK)
+    N, K = ids_NK.shape
+    ids_M = ids_NK.flatten()  # (M = N*K,)
+    xs_M1D = x_ND[:, None].expand(N, K, -1).reshape(N * K, 1, -1)  # (M, 1, D)
+    h_M1F = F.silu(torch.bmm(xs_M1D, w1[ids_M].transpose(1, 2))) * torch.bmm(xs_M1D, w3[ids_M].transpose(1, 2))
+    ys_NKD = torch.bmm(h_M1F, w2[ids_M].transpose(1, 2)).view(N, K, -1)  # (N, K, D)
+    return (ys_NKD * weights_NK[..., None].to(ys_NKD.dtype)).sum(1).to(x_ND.dtype)  # (N, D)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x.to(dtype) without the dispatch when it would be a no-op (several per layer of a decode step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, x_ND: Tensor,
@@ -227,6 +272,18 @@ def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWei
     return torch.zeros_like(x_ND).index_add_(0, token_of, ys_MD.to(x_ND.dtype))
 
 
+# ---- RoPE: rotate adjacent pairs (x[2k], x[2k+1]) by e^(i theta) ------------------------------------------------
+
+def rope_pairs(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """layers.apply_rope in real arithmetic, bit-identical to its complex product on CPU (tested): torch.compile
+    traces no view_as_complex of a strided tensor. x: (B, S, ..., R); freqs_cis: (B, S, R/2) complex."""
+    if x.dim() > 3:
+        freqs_cis = freqs_cis.view(freqs_cis.shape[:2] + (1,) * (x.dim() - 3) + freqs_cis.shape[2:])
+    cos, sin = freqs_cis.real, freqs_cis.imag  # (B, S, ..., R/2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., R/2) each
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
+
+
 # ---- the kernel sets -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +296,11 @@ class Kernels:
     # (w1, w2, w3, x_ND, weights_NK, ids_NK); the experts stacked: w1, w3 (E, F, D), w2 (E, D, F)
     routed_experts: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     dense: Callable[[Tensor], Tensor] = dense  # a stored weight as a float tensor (MLA derives W_UK / W_UV from it)
+    rope: Callable[[Tensor, Tensor], Tensor] | None = None  # (x, freqs_cis); None: layers.apply_rope
 
 
 REFERENCE = Kernels(linear_dense, rms_norm, attention_reference, experts_reference)
 TRAINING = Kernels(linear_dense, rms_norm_training, attention_sdpa, experts_padded)
-INFERENCE = Kernels(linear_inference, rms_norm, attention_sdpa, experts_inference)
+INFERENCE = Kernels(linear_inference, rms_norm_inference, attention_sdpa, experts_inference)
+# the decode step under torch.compile (the engine's `compile`): the same math, traceable without graph breaks
+COMPILED = Kernels(linear_inference, rms_norm_inference, attention_sdpa, experts_gathered, rope=rope_pairs)
