@@ -14,6 +14,7 @@ import torch
 
 from openseek import BUNDLED_MODEL, LLM, SamplingParams, StructuredOutputsParams
 from server_util import Server
+from openseek.validation import FieldError
 
 jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
@@ -308,3 +309,11 @@ def test_fifty_schemas_all_finished_outputs_validate_and_stream_alike(server):
             valid += 1
     print(f"{valid}/{finished} finished outputs valid; {finished}/50 finished within max_tokens")
     assert finished >= 45 and valid == finished
+
+
+def test_a_schema_nested_past_the_recursion_limit_is_a_field_error(llm):
+    schema = {"type": "string"}
+    for _ in range(3000):  # deeper than json.dumps can walk
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    with pytest.raises(FieldError, match="structured_outputs.json.*nested too deeply"):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(json=schema)))

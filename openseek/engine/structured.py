@@ -88,7 +88,11 @@ class GrammarCompiler:
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """A fresh matcher at the start of params' grammar; ValueError naming why it cannot compile."""
-        key = params.key()
+        try:
+            key = params.key()
+        except RecursionError:  # json.dumps of a schema nested deeper than Python's recursion limit
+            raise FieldError(f"structured_outputs.{params.kind}", "(a nested object)",
+                             "is nested too deeply to compile") from None
         with self._lock:
             template = self._cache.get(key)
             if template is not None:
