@@ -444,3 +444,41 @@ def test_openapi_schema_declares_the_statuses_the_server_answers(server):
         r = httpx.post(f"{server.url}{path}", json={"model": "tiny", "max_tokens": "many"})
         assert str(r.status_code) in declared, r.status_code
     assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+def test_tokenize_and_detokenize_agree_with_the_offline_tokenizer(server, offline):
+    tok = offline.llm_engine.tokenizer
+    text = "def add(a, b):\n    return a + b  # é"
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()
+    assert r == {"count": len(tok.encode(text)), "max_model_len": MAX_MODEL_LEN, "tokens": tok.encode(text)}
+    bare = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok.encode(text, add_special_tokens=False)
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    want = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    assert chat["tokens"] == want
+    # the chat route counts the same prompt tokens
+    usage = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage
+    assert usage.prompt_tokens == chat["count"]
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": bare["tokens"]}).json()
+    assert back == {"prompt": tok.decode(bare["tokens"], skip_special_tokens=False)} and back["prompt"] == text
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a\ud800"}, "prompt"),
+    ("/detokenize", {"tokens": [0, 10**9]}, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_tokenize_and_detokenize_name_bad_input(server, route, body, param):
+    r = httpx.post(f"{server.url}{route}", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_tokenize_routes_need_the_api_key(guarded):
+    for route, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+        assert httpx.post(f"{guarded.url}{route}", json=body).status_code == 401
+        ok = httpx.post(f"{guarded.url}{route}", json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert ok.status_code == 200, ok.text

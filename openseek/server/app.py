@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as p
+from . import tokenize as tk
 from .async_engine import AsyncEngine
 from .limits import BodyLimits, HTTPLimits, h11_protocol
 from .metrics import Metrics
@@ -95,6 +96,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
         card = {"id": model_name, "object": "model", "created": p.now(), "owned_by": "openseek",
                 "max_model_len": engine.llm_engine.max_model_len}
         return {"object": "list", "data": [card]}
+
+    tokenizer_errors = {status: ERROR_RESPONSES[status] for status in (400, 401, 404, 408, 413)}
+
+    @app.post("/tokenize", dependencies=auth, responses=tokenizer_errors)
+    async def tokenize(req: tk.TokenizeRequest) -> dict:
+        return await tk.tokenize(serving, req)
+
+    @app.post("/detokenize", dependencies=auth, responses=tokenizer_errors)
+    async def detokenize(req: tk.DetokenizeRequest) -> dict:
+        return await tk.detokenize(serving, req)
 
     async def respond(route: str, req, raw: Request, job, stream, response) -> Response:
         """Stream the job as SSE, or wait for it unless the client hangs up first."""
