@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import openseek
 from conftest import build_reference, save_reference
 from openseek import LLM, SamplingParams
-from openseek.model import quant
+from openseek.model import ops, quant
 from openseek.model.ops import REFERENCE, experts_inference, experts_reference, linear_inference
 from openseek.model.quant import QuantizedWeight, QuantScheme
 from openseek.validation import FieldError
@@ -284,3 +284,36 @@ def test_unsupported_quantization_config_is_named(int4_checkpoint, tmp_path, edi
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         openseek.load_pretrained(dst)
+
+
+# ---- COMPILED's single-row kernels (the compiled decode's; eager here, the same math) ----------------------------
+
+@pytest.mark.parametrize("scheme,group", [(None, None)] + SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_linear_matches_the_dequantised_reference(scheme, group, dtype, rows):
+    torch.manual_seed(2)
+    w = torch.randn(72, 96) / 10
+    weight = w.to(dtype) if scheme is None else quantized_weight(w, scheme, group)
+    x = torch.randn(1, rows, 96, dtype=dtype)
+    want = F.linear(x.float(), ops.dense(weight).float())
+    got = ops.linear_compiled(x, weight)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=1e-2 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("scheme,group", [(None, None)] + SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 4])
+def test_compiled_experts_match_the_reference(scheme, group, dtype, N):
+    torch.manual_seed(3)
+    E, F_, D, K = 8, 32, 64, 3
+    ws = [torch.randn(E, *s) / 8 for s in ((F_, D), (F_, D), (D, F_))]
+    w1, w3, w2 = (w.to(dtype) if scheme is None else quantized_weight(w, scheme, group) for w in ws)
+    x = torch.randn(N, D, dtype=dtype)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    weights = torch.rand(N, K)
+    want = experts_reference(*(ops.dense(w).float() for w in (w1, w2, w3)), x.float(), weights, ids)
+    got = ops.experts_compiled(w1, w2, w3, x, weights, ids)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)

@@ -35,10 +35,11 @@ class ModelRunner:
         # every layer's whole cache copied out and back by functionalization, every step.
         self.kv_cache = [torch.zeros(num_blocks * block_size, cfg.kv_cache_dim, dtype=model.dtype, device=model.device)
                          for _ in range(cfg.num_hidden_layers)]
-        # decode steps as one graph: per-op dispatch, not bandwidth, bounds a small model's decode step; dynamic,
+        # decode steps, logits included, as one graph: per-op dispatch, not bandwidth, bounds a small model's decode
+        # step, and COMPILED's single-row kernels read the weights faster than the library GEMMs; dynamic,
         # so that batch size and context length compile once, not once per value; the C++ wrapper calls the
         # graph's kernels without a Python line per op
-        self._decode = torch.compile(model.hidden_states_paged, dynamic=True, options={"cpp_wrapper": True}) \
+        self._decode = torch.compile(self._decode_logits, dynamic=True, options={"cpp_wrapper": True}) \
             if compile else None
 
     @property
@@ -71,18 +72,27 @@ class ModelRunner:
             num_decodes=batch.num_decodes,
             block_size=L,
         )
-        h = self._hidden_states(torch.tensor(ids, dtype=torch.long, device=dev), fb)  # (N, D)
-        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
+        ids_t, last_t = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, last))
+        if self._decode is not None and fb.num_decodes == len(fb.query_lens):  # no chunk asks for all its logits
+            logits = self._compiled(ids_t, fb)  # (N, V)
+            if logits is not None:
+                return RunOutput(logits[last_t].float(), {})
+        h = self.model.hidden_states_paged(ids_t, fb, self.kv_cache)  # (N, D); a rerun rewrites the same cache rows
+        sample = self.model.logits(h[last_t]).float()  # (B, V)
         chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
         return RunOutput(sample, chunks)
 
-    def _hidden_states(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """The forward: all-decode batches through the compiled graph when there is one, else eager."""
-        if self._decode is not None and fb.num_decodes == len(fb.query_lens):
-            try:
-                return self._decode(ids, fb, self.kv_cache, COMPILED)
-            except Exception as e:  # no C++ compiler, an op inductor cannot lower: eager is always right
-                logger.warning("compiled decode failed (%s: %s); decoding eagerly from now on", type(e).__name__,
-                               str(e).splitlines()[0] if str(e) else "")
-                self._decode = None
-        return self.model.hidden_states_paged(ids, fb, self.kv_cache)  # a rerun rewrites the same cache rows
+    def _decode_logits(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """What the compiled graph runs: the logits (N, V) of every new token."""
+        return self.model.logits(self.model.hidden_states_paged(ids, fb, self.kv_cache, COMPILED), COMPILED)
+
+    def _compiled(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor | None:
+        """The compiled decode's logits; None, and eager from then on, where it fails (no C++ compiler, an op
+        inductor cannot lower): eager is always right."""
+        try:
+            return self._decode(ids, fb)
+        except Exception as e:
+            logger.warning("compiled decode failed (%s: %s); decoding eagerly from now on", type(e).__name__,
+                           str(e).splitlines()[0] if str(e) else "")
+            self._decode = None
+            return None
