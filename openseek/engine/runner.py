@@ -20,6 +20,19 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
+class StepInputs:
+    """A step's batch as plain lists: what a tensor-parallel rank 0 sends its workers."""
+
+    ids: list[int]  # (N,) the new tokens, packed
+    positions: list[int]  # (N,)
+    slots: list[int]  # (N,) cache rows they are written to
+    tables: list[list[int]]  # (B, P) block tables, padded with 0
+    context_lens: list[int]  # (B,)
+    query_lens: list[int]  # (B,)
+    num_decodes: int
+
+
+@dataclass(slots=True)
 class RunOutput:
     sample_logits: torch.Tensor  # (B, V) float32, one row per sequence that samples, in batch order
     chunk_logits: dict[int, torch.Tensor]  # batch index -> (S, V) float32 for every token of its prefill chunk
@@ -40,12 +53,26 @@ class ModelRunner:
             if compile else None
 
     @property
+    def healthy(self) -> bool:
+        """Whether the runner can still run steps (a parallel one loses this with a worker)."""
+        return True
+
+    @property
     def cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
         """Run the scheduled tokens: logits of the sequences that sample, and of whole chunks where asked."""
+        step, last, spans = self.prepare(batch)
+        h = self.hidden_states(step)  # (N, D)
+        dev = self.kv_cache.device
+        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
+        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
+        return RunOutput(sample, chunks)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int], list[tuple[int, int, int]]]:
+        """The step's inputs; the rows of h that sample; (batch index, first row, end row) of logged chunks."""
         L = self.block_size
         ids, positions, slots, last, spans = [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
@@ -59,20 +86,24 @@ class ModelRunner:
                 spans.append((i, len(ids) - n, len(ids)))
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        step = StepInputs(ids, positions, slots, tables, [seq.num_computed + n for seq, n in zip(batch.seqs,
+                          batch.num_new)], list(batch.num_new), batch.num_decodes)
+        return step, last, spans
+
+    @torch.inference_mode()
+    def hidden_states(self, step: StepInputs) -> torch.Tensor:
+        """The forward over the step's tokens, extending the cache: final hidden states (N, D)."""
         dev = self.kv_cache.device
         fb = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            context_lens=[seq.num_computed + n for seq, n in zip(batch.seqs, batch.num_new)],
-            query_lens=list(batch.num_new),
-            num_decodes=batch.num_decodes,
-            block_size=L,
+            positions=torch.tensor(step.positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(step.tables, dtype=torch.long, device=dev),
+            context_lens=step.context_lens,
+            query_lens=step.query_lens,
+            num_decodes=step.num_decodes,
+            block_size=self.block_size,
         )
-        h = self._hidden_states(torch.tensor(ids, dtype=torch.long, device=dev), fb)  # (N, D)
-        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
-        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
-        return RunOutput(sample, chunks)
+        return self._hidden_states(torch.tensor(step.ids, dtype=torch.long, device=dev), fb)
 
     def _hidden_states(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """The forward: all-decode batches through the compiled graph when there is one, else eager."""

@@ -1,0 +1,245 @@
+"""Serving over several processes on one machine: rank 0 (this process) keeps the scheduler, sampler and tokenizer
+and computes too; ranks 1..W-1 are worker processes started here, each holding its part of the model (model/
+parallel.py) and a full copy of the latent cache, and running the same forward in lockstep.
+
+Every step rank 0 sends the step's inputs (plain lists, runner.StepInputs) down a pipe to each worker, then all W
+run the forward, joined by all-reduces on a process group of their own (gloo on CPU, NCCL on CUDA; not the default
+group, so a caller's own torch.distributed stays untouched). Only rank 0 computes logits.
+
+A worker that dies or stalls is noticed by rank 0 as a failed collective (a closed socket at once, a stall after
+`distributed_timeout` seconds) or by a liveness check before each step: the step's requests fail with an error
+naming the worker, every later step fails at once, and `healthy` turns False (the server's /health reports it).
+A worker whose parent dies reads end-of-file from its pipe and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import weakref
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..config import ModelConfig
+from ..model import Transformer, load_pretrained
+from ..model.parallel import Layout, Reduce
+from .config import EngineConfig
+from .runner import ModelRunner, StepInputs
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died, failed or stalled: the model can no longer run."""
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r's device: cuda:(index + r) for a CUDA device, the device itself otherwise."""
+    d = torch.device(device)
+    return torch.device(d.type, (d.index or 0) + rank) if d.type == "cuda" else d
+
+
+def process_group(store: dist.Store, rank: int, size: int, device: torch.device, timeout: int) -> dist.ProcessGroup:
+    """A process group of its own over `store`: NCCL for CUDA devices, gloo otherwise."""
+    if device.type == "cuda":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timedelta(seconds=timeout)
+        torch.cuda.set_device(device)
+        return dist.ProcessGroupNCCL(store, rank, size, opts)
+    return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout))
+
+
+def all_reducer(group: dist.ProcessGroup, timer: list[float]) -> Reduce:
+    """In-place sum over the group; the seconds spent accumulate in timer[0] (bench/parallel.py reads them)."""
+    def reduce(t: torch.Tensor) -> None:
+        start = time.perf_counter()
+        group.allreduce([t]).wait()
+        timer[0] += time.perf_counter() - start
+    return reduce
+
+
+def load_rank(path: str | os.PathLike, config: EngineConfig, rank: int, reduce: Reduce) -> Transformer:
+    """Rank `rank`'s part of the model, reading only its slices of the checkpoint."""
+    layout = Layout(rank, config.world_size, config.enable_expert_parallel)
+    return load_pretrained(path, dtype=config.dtype, device=rank_device(config.device, rank),
+                           quantization=config.quantization, group_size=config.quantization_group_size,
+                           layout=layout, reduce=reduce)
+
+
+def weight_bytes(model: Transformer) -> dict[str, int]:
+    """Resident parameter bytes: all, and the routed experts'."""
+    out = {"weights": 0, "routed_experts": 0}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        n = t.numel() * t.element_size()
+        out["weights"] += n
+        out["routed_experts"] += n if ".experts." in name else 0
+    return out
+
+
+class Workers:
+    """Ranks 1..W-1: started, joined to rank 0's process group, and loaded by __init__."""
+
+    def __init__(self, path: str | os.PathLike, config: EngineConfig):
+        W, self.timeout = config.world_size, config.distributed_timeout
+        Layout(0, W, config.enable_expert_parallel).check(ModelConfig.from_file(Path(path)))  # before any start
+        store = dist.TCPStore("127.0.0.1", 0, W, is_master=True, timeout=timedelta(seconds=self.timeout),
+                              wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns, self.error = [], [], None
+        for rank in range(1, W):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, name=f"openseek-rank{rank}", daemon=True,
+                               args=(rank, store.port, str(path), config, torch.get_num_threads(), child))
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        self.comm_seconds = [0.0]
+        for r in range(1, W):
+            self.expect(r, "hello")  # started and imported: the rendezvous below will not wait on a dead rank
+        self.group = process_group(store, 0, W, rank_device(config.device, 0), self.timeout)
+        self.store = store
+        self.reduce = all_reducer(self.group, self.comm_seconds)
+
+    def expect(self, rank: int, what: str) -> object:
+        """Rank's next message, which must be `what`; WorkerLost if it reports an error or dies first."""
+        conn, proc = self.conns[rank - 1], self.procs[rank - 1]
+        while not conn.poll(0.1):
+            if not proc.is_alive():
+                raise self.lost(f"worker rank {rank} exited with code {proc.exitcode}")
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            raise self.lost(f"worker rank {rank} closed its pipe (exit code {proc.exitcode})") from None
+        if kind != what:
+            raise self.lost(f"worker rank {rank} failed: {payload}")
+        return payload
+
+    def send(self, message: tuple) -> None:
+        self.check()
+        for rank, conn in enumerate(self.conns, 1):
+            try:
+                conn.send(message)
+            except (BrokenPipeError, ConnectionError, EOFError, OSError):
+                raise self.lost(f"worker rank {rank} is gone (exit code {self.procs[rank - 1].exitcode})") from None
+
+    def check(self) -> None:
+        """WorkerLost if a worker has ever been lost or is not running now."""
+        if self.error is None:
+            for rank, proc in enumerate(self.procs, 1):
+                if not proc.is_alive():
+                    self.lost(f"worker rank {rank} exited with code {proc.exitcode}")
+                    break
+        if self.error is not None:
+            raise WorkerLost(self.error)
+
+    def lost(self, why: str) -> WorkerLost:
+        """Record the first reason the workers are unusable; -> the error to raise."""
+        if self.error is None:
+            self.error = f"tensor-parallel serving stopped: {why}; restart the engine"
+            logger.error(self.error)
+        return WorkerLost(self.error)
+
+    def diagnose(self, e: Exception) -> WorkerLost:
+        """After a failed step: which worker reported what, or died, else the failure itself."""
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), 1):
+            proc.join(timeout=0.5 if not proc.is_alive() else 0)
+            try:
+                if conn.poll(0):
+                    kind, payload = conn.recv()
+                    if kind == "error":
+                        return self.lost(f"worker rank {rank} failed: {payload}")
+            except (EOFError, OSError):
+                pass  # its pipe closed: it died, and says so below
+            if not proc.is_alive():
+                return self.lost(f"worker rank {rank} exited with code {proc.exitcode}")
+        return self.lost(f"the step failed on rank 0 ({type(e).__name__}: {e}), so the ranks are out of step")
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _stop(procs: list, conns: list) -> None:
+    """Tell every worker to exit, then make sure it has."""
+    for conn in conns:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass  # already gone
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
+
+
+class ParallelRunner(ModelRunner):
+    """Rank 0's ModelRunner: each step's inputs go to the workers first, then all ranks run the forward."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, workers: Workers):
+        super().__init__(model, num_blocks, block_size)
+        self.workers = workers
+        workers.send(("cache", (num_blocks, block_size)))
+        for rank in range(1, len(workers.procs) + 1):
+            workers.expect(rank, "ready")
+
+    @property
+    def healthy(self) -> bool:
+        try:
+            self.workers.check()
+        except WorkerLost:
+            return False
+        return True
+
+    def hidden_states(self, step: StepInputs) -> torch.Tensor:
+        self.workers.send(("step", step))
+        try:
+            return super().hidden_states(step)
+        except Exception as e:
+            raise self.workers.diagnose(e) from e
+
+    def worker_stats(self) -> list[dict[str, int]]:
+        """Per rank, 0 first: resident weight bytes (all, routed experts') and cache bytes."""
+        self.workers.send(("stats", None))
+        return [{**weight_bytes(self.model), "cache": self.cache_bytes}] + \
+            [self.workers.expect(r, "stats") for r in range(1, len(self.workers.procs) + 1)]
+
+
+def _worker_main(rank: int, port: int, path: str, config: EngineConfig, threads: int, conn) -> None:
+    """A worker: join the group, load this rank's part, then run each step rank 0 sends until told to stop."""
+    torch.set_num_threads(threads)
+    try:
+        conn.send(("hello", None))
+        device = rank_device(config.device, rank)
+        store = dist.TCPStore("127.0.0.1", port, config.world_size, is_master=False,
+                              timeout=timedelta(seconds=config.distributed_timeout))
+        group = process_group(store, rank, config.world_size, device, config.distributed_timeout)
+        model = load_rank(path, config, rank, all_reducer(group, [0.0]))
+        runner = None
+        while (message := conn.recv()) is not None:
+            kind, payload = message
+            if kind == "cache":
+                runner = ModelRunner(model, *payload)
+                conn.send(("ready", None))
+            elif kind == "step":
+                runner.hidden_states(payload)
+            elif kind == "stats":
+                conn.send(("stats", {**weight_bytes(model), "cache": runner.cache_bytes}))
+    except EOFError:
+        return  # rank 0 is gone
+    except BaseException as e:
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        traceback.print_exc()
+        os._exit(1)  # the group's sockets close with the process: rank 0's collective fails instead of waiting
