@@ -19,10 +19,11 @@ from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, format_info, summar
 
 BUNDLED_MODEL_NAME = "openseek-demo"  # the model id `openseek serve` gives the bundled model
 LOCAL_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "quantization", "quantization_group_size",
-                       "compile")  # one sequence
+                       "compile", "tensor_parallel_size", "enable_expert_parallel")  # one sequence
 SERVE_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_memory", "block_size",
                        "max_num_batched_tokens", "enable_prefix_caching", "seed", "max_waiting", "quantization",
-                       "quantization_group_size", "compile")
+                       "quantization_group_size", "compile", "tensor_parallel_size", "data_parallel_size",
+                       "enable_expert_parallel", "distributed_timeout")
 
 
 class UsageError(Exception):

@@ -167,6 +167,9 @@ class AsyncEngine:
                     outs = []
                 self._publish()
                 self._dispatch(outs)
+                if not engine.healthy:  # its model can no longer run (a lost tensor-parallel worker): stop serving
+                    self._die(EngineFailed("the engine can no longer run its model; see the server log"))
+                    return
             else:
                 self._publish()
             if self._on_idle is not None and not engine.has_unfinished_requests():
