@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 from ..config import ModelConfig
 from ..model import Transformer, load_pretrained
 from ..model.parallel import Layout, Reduce
+from ..validation import FieldError
 from .config import EngineConfig
 from .runner import ModelRunner, StepInputs
 
@@ -88,6 +89,10 @@ class Workers:
     def __init__(self, path: str | os.PathLike, config: EngineConfig):
         W, self.timeout = config.world_size, config.distributed_timeout
         Layout(0, W, config.enable_expert_parallel).check(ModelConfig.from_file(Path(path)))  # before any start
+        last = rank_device(config.device, W - 1)
+        if last.type == "cuda" and last.index >= torch.cuda.device_count():
+            raise FieldError("tensor_parallel_size", config.tensor_parallel_size, f"needs one CUDA device per rank, "
+                             f"up to {last}; this machine has {torch.cuda.device_count()}", "config field ")
         store = dist.TCPStore("127.0.0.1", 0, W, is_master=True, timeout=timedelta(seconds=self.timeout),
                               wait_for_workers=False)
         ctx = mp.get_context("spawn")
