@@ -201,3 +201,19 @@ def test_a_rank_reads_exactly_its_slices_of_the_checkpoint(v3):
             wo = full.layers[0].attn.wo.weight  # (D, H * U): this rank's 2 heads' input columns
             assert torch.equal(part.layers[0].attn.wo.weight, wo[:, 32 * rank:32 * rank + 32])
             assert part.layers[0].attn.n_heads == 2
+
+
+def test_cli_generate_with_tensor_and_expert_parallel_flags_gives_the_same_text():
+    import subprocess
+    import sys
+
+    import openseek
+    want = LLM(openseek.BUNDLED_MODEL, dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=8))
+    run = subprocess.run([sys.executable, "-m", "openseek", "generate", "--tensor-parallel-size", "2",
+                          "--enable-expert-parallel", "--max-tokens", "8", "Hello"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == want[0].outputs[0].text + "\n"
+    bad = subprocess.run([sys.executable, "-m", "openseek", "generate", "--tensor-parallel-size", "3", "Hello"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "tensor_parallel_size=3 is invalid: must divide num_attention_heads=4" in bad.stderr
