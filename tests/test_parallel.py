@@ -103,6 +103,36 @@ def test_tensor_parallel_v3_with_split_expert_hidden_matches_one_process(v3):
         llm.llm_engine.shutdown()
 
 
+def test_data_parallel_attention_v2_matches_one_process_with_a_cache_per_group(v2):
+    llm = LLM(v2, data_parallel_size=2, enable_expert_parallel=True, max_num_batched_tokens=16, **SMALL)
+    try:
+        engine = llm.llm_engine
+        for i, p in enumerate(prompts(4, seed=3)):
+            engine.add_request(f"r{i}", p, GREEDY)
+        engine.step()
+        assert [len(g.running) for g in engine.scheduler.groups] == [2, 2]  # each group attends over its own
+        assert engine.token_capacity == 2 * engine.runner.kv_cache.shape[1]  # two caches, one per group
+        engine.abort("r1")
+        while engine.has_unfinished_requests():
+            engine.step()
+        check_against_one_process(llm, v2)
+        stats = engine.runner.worker_stats()
+        full = LLM(v2, **SMALL).llm_engine.model
+        full_experts = sum(p.numel() * 4 for n, p in full.named_parameters() if ".experts." in n)
+        assert [s["routed_experts"] for s in stats] == [full_experts // 2] * 2
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_four_ranks_two_groups_of_two_heads_each_match_one_process(v3):
+    llm = LLM(v3, tensor_parallel_size=2, data_parallel_size=2, max_num_batched_tokens=16, **SMALL)
+    try:
+        assert tokens(llm.generate(prompts(), GREEDY)) == one_process(v3)[0]
+        assert len(llm.llm_engine.runner.worker_stats()) == 4
+    finally:
+        llm.llm_engine.shutdown()
+
+
 def test_a_killed_worker_fails_the_requests_and_stops_the_server_loop(v2):
     from openseek.server.async_engine import AsyncEngine, EngineFailed
 
@@ -171,8 +201,14 @@ def test_sizes_that_do_not_split_the_model_are_refused_at_start(v2, tmp_path):
     dense = save_reference(build_reference("v2", intermediate_size=95), tmp_path / "dense")
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 is invalid: must divide intermediate_size=95 "):
         LLM(dense, tensor_parallel_size=2, enable_expert_parallel=True)
-    with pytest.raises(ValueError, match=r"data_parallel_size=2 is invalid: only 1 is implemented"):
-        LLM(v2, data_parallel_size=2)
+    with pytest.raises(ValueError, match=r"data_parallel_size=4 is invalid: must divide n_routed_experts=6 \(x "
+                                         r"tensor_parallel_size=1: 4 ranks\) under enable_expert_parallel"):
+        LLM(six, data_parallel_size=4, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"data_parallel_size=3 is invalid: must divide the shared experts' hidden "
+                                         r"size 64"):
+        LLM(v2, data_parallel_size=3, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"compile=True is invalid: is not supported with more than one process"):
+        LLM(v2, data_parallel_size=2, compile=True)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=0 is invalid"):
         LLM(v2, tensor_parallel_size=0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 is invalid: needs a model folder"):

@@ -48,7 +48,8 @@ class EngineConfig:
         "processes the model is split over (attention heads, dense FFNs, shared experts; routed experts too, by "
         "their hidden dim or, with enable_expert_parallel, whole); started by openseek on this machine"))
     data_parallel_size: int = field(default=1, metadata=_help(
-        "model replicas: only 1 (data-parallel attention is not implemented)"))
+        "groups of tensor_parallel_size processes that each attend over, and cache, their own sequences; the "
+        "FFNs and experts split over all tensor_parallel_size x data_parallel_size processes"))
     enable_expert_parallel: bool = field(default=False, metadata=_help(
         "split the routed experts whole over the tensor_parallel_size x data_parallel_size processes"))
     distributed_timeout: int = field(default=60, metadata=_help(
@@ -75,11 +76,8 @@ class EngineConfig:
         check(isinstance(self.compile, bool), "compile", self.compile, "must be a bool", own)
         check(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel", self.enable_expert_parallel,
               "must be a bool", own)
-        check(self.data_parallel_size == 1, "data_parallel_size", self.data_parallel_size,
-              "only 1 is implemented: data-parallel attention (each rank caching its own requests) is not built yet; "
-              "use tensor_parallel_size with enable_expert_parallel", own)
         check(self.world_size == 1 or not self.compile, "compile", self.compile, "is not supported with "
-              "tensor_parallel_size > 1 (a compiled graph would break at every all-reduce)", own)
+              "more than one process (a compiled graph would break at every all-reduce)", own)
         check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
         check(self.quantization in (None, *QUANT_SCHEMES), "quantization", self.quantization,
               f"must be one of {', '.join(QUANT_SCHEMES)} or None", own)

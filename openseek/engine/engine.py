@@ -30,6 +30,7 @@ from ..tokenizer import Tokenizer
 from ..validation import FieldError
 from .block_pool import BlockPool
 from .config import EngineConfig
+from .data_parallel import data_parallel_scheduler
 from .output_processor import Logprobs, RequestState, StepOutput
 from .parallel import ParallelRunner, Workers, load_rank
 from .runner import ModelRunner
@@ -103,8 +104,14 @@ class LLMEngine:
         except (RuntimeError, OverflowError, MemoryError, TypeError) as e:  # torch refuses a cache this size
             raise FieldError("kv_cache_memory", kv_cache_memory, f"could not be allocated on {model.device} "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})", "config field ") from None
-        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        if config.data_parallel_size > 1:  # each group caches its own sequences: num_blocks each
+            self.pool, self.scheduler = data_parallel_scheduler(
+                config.data_parallel_size, num_blocks, config.enable_prefix_caching, config.block_size,
+                config.max_num_seqs, config.max_num_batched_tokens)
+        else:
+            self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs,
+                                       config.max_num_batched_tokens)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else _as_int(mcfg.eos_token_id)
         self.requests: dict[str, _Request] = {}  # unfinished ones
         self._rng = random.Random(config.seed)

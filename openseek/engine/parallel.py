@@ -28,10 +28,12 @@ import torch.multiprocessing as mp
 
 from ..config import ModelConfig
 from ..model import Transformer, load_pretrained
-from ..model.parallel import Layout, Reduce
+from ..model.parallel import Layout, Reduce, hidden_states_dp
 from ..validation import FieldError
 from .config import EngineConfig
-from .runner import ModelRunner, StepInputs
+from .data_parallel import DataParallelBatch
+from .runner import ModelRunner, RunOutput, StepInputs
+from .scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,15 @@ def all_reducer(group: dist.ProcessGroup, timer: list[float]) -> Reduce:
     return reduce
 
 
+def layout(config: EngineConfig, rank: int) -> Layout:
+    return Layout(rank, config.world_size, config.enable_expert_parallel, config.data_parallel_size)
+
+
 def load_rank(path: str | os.PathLike, config: EngineConfig, rank: int, reduce: Reduce) -> Transformer:
     """Rank `rank`'s part of the model, reading only its slices of the checkpoint."""
-    layout = Layout(rank, config.world_size, config.enable_expert_parallel)
     return load_pretrained(path, dtype=config.dtype, device=rank_device(config.device, rank),
                            quantization=config.quantization, group_size=config.quantization_group_size,
-                           layout=layout, reduce=reduce)
+                           layout=layout(config, rank), reduce=reduce)
 
 
 def weight_bytes(model: Transformer) -> dict[str, int]:
@@ -88,7 +93,8 @@ class Workers:
 
     def __init__(self, path: str | os.PathLike, config: EngineConfig):
         W, self.timeout = config.world_size, config.distributed_timeout
-        Layout(0, W, config.enable_expert_parallel).check(ModelConfig.from_file(Path(path)))  # before any start
+        layout(config, 0).check(ModelConfig.from_file(Path(path)))  # before any process starts
+        self.tp = config.tensor_parallel_size
         last = rank_device(config.device, W - 1)
         if last.type == "cuda" and last.index >= torch.cuda.device_count():
             raise FieldError("tensor_parallel_size", config.tensor_parallel_size, f"needs one CUDA device per rank, "
@@ -127,11 +133,12 @@ class Workers:
             raise self.lost(f"worker rank {rank} failed: {payload}")
         return payload
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: tuple | list[tuple]) -> None:
+        """The message to every worker, or message[r - 1] to rank r."""
         self.check()
         for rank, conn in enumerate(self.conns, 1):
             try:
-                conn.send(message)
+                conn.send(message[rank - 1] if isinstance(message, list) else message)
             except (BrokenPipeError, ConnectionError, EOFError, OSError):
                 raise self.lost(f"worker rank {rank} is gone (exit code {self.procs[rank - 1].exitcode})") from None
 
@@ -212,11 +219,45 @@ class ParallelRunner(ModelRunner):
         except Exception as e:
             raise self.workers.diagnose(e) from e
 
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> RunOutput:
+        """With data-parallel groups, each group's part of the batch goes to its ranks, all tokens to every rank."""
+        if not isinstance(batch, DataParallelBatch):
+            return super().run(batch)
+        ids, steps, rows, last, spans, first_seq = [], [], [], [], [], 0
+        for part in batch.parts:
+            step = None
+            if part.seqs:
+                step, part_last, part_spans = self.prepare(part)
+                last += [len(ids) + k for k in part_last]
+                spans += [(first_seq + i, len(ids) + a, len(ids) + b) for i, a, b in part_spans]
+            rows.append((len(ids), len(ids) + len(step.ids) if step else len(ids)))
+            ids += step.ids if step else []
+            steps.append(step)
+            first_seq += len(part.seqs)
+        T = self.workers.tp
+        self.workers.send([("dp_step", (ids, steps[r // T], rows[r // T])) for r in range(1, len(steps) * T)])
+        try:
+            h = dp_forward(self, ids, steps[0], rows[0], self.workers.reduce)
+        except Exception as e:
+            raise self.workers.diagnose(e) from e
+        return self.logits(h, last, spans)
+
     def worker_stats(self) -> list[dict[str, int]]:
         """Per rank, 0 first: resident weight bytes (all, routed experts') and cache bytes."""
         self.workers.send(("stats", None))
         return [{**weight_bytes(self.model), "cache": self.cache_bytes}] + \
             [self.workers.expect(r, "stats") for r in range(1, len(self.workers.procs) + 1)]
+
+
+@torch.inference_mode()
+def dp_forward(runner: ModelRunner, ids: list[int], step: StepInputs | None, rows: tuple[int, int],
+               reduce: Reduce) -> torch.Tensor:
+    """One rank's forward under data-parallel attention: all tokens, its group's sequences' attention. -> (N, D)"""
+    dev = runner.kv_cache.device
+    batch = runner.forward_batch(step) if step is not None else None
+    return hidden_states_dp(runner.model, torch.tensor(ids, dtype=torch.long, device=dev), batch, rows,
+                            runner.kv_cache, reduce)
 
 
 def _worker_main(rank: int, port: int, path: str, config: EngineConfig, threads: int, conn) -> None:
@@ -228,7 +269,8 @@ def _worker_main(rank: int, port: int, path: str, config: EngineConfig, threads:
         store = dist.TCPStore("127.0.0.1", port, config.world_size, is_master=False,
                               timeout=timedelta(seconds=config.distributed_timeout))
         group = process_group(store, rank, config.world_size, device, config.distributed_timeout)
-        model = load_rank(path, config, rank, all_reducer(group, [0.0]))
+        reduce = all_reducer(group, [0.0])
+        model = load_rank(path, config, rank, reduce)
         runner = None
         while (message := conn.recv()) is not None:
             kind, payload = message
@@ -237,6 +279,8 @@ def _worker_main(rank: int, port: int, path: str, config: EngineConfig, threads:
                 conn.send(("ready", None))
             elif kind == "step":
                 runner.hidden_states(payload)
+            elif kind == "dp_step":
+                dp_forward(runner, *payload, reduce)
             elif kind == "stats":
                 conn.send(("stats", {**weight_bytes(model), "cache": runner.cache_bytes}))
     except EOFError:

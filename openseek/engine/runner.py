@@ -65,7 +65,10 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> RunOutput:
         """Run the scheduled tokens: logits of the sequences that sample, and of whole chunks where asked."""
         step, last, spans = self.prepare(batch)
-        h = self.hidden_states(step)  # (N, D)
+        return self.logits(self.hidden_states(step), last, spans)
+
+    def logits(self, h: torch.Tensor, last: list[int], spans: list[tuple[int, int, int]]) -> RunOutput:
+        """Logits of the rows of h (N, D) that sample, and of the spans of logged prefill chunks."""
         dev = self.kv_cache.device
         sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
         chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
@@ -93,8 +96,12 @@ class ModelRunner:
     @torch.inference_mode()
     def hidden_states(self, step: StepInputs) -> torch.Tensor:
         """The forward over the step's tokens, extending the cache: final hidden states (N, D)."""
+        fb = self.forward_batch(step)
+        return self._hidden_states(torch.tensor(step.ids, dtype=torch.long, device=self.kv_cache.device), fb)
+
+    def forward_batch(self, step: StepInputs) -> ForwardBatch:
         dev = self.kv_cache.device
-        fb = ForwardBatch(
+        return ForwardBatch(
             positions=torch.tensor(step.positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(step.tables, dtype=torch.long, device=dev),
@@ -103,7 +110,6 @@ class ModelRunner:
             num_decodes=step.num_decodes,
             block_size=self.block_size,
         )
-        return self._hidden_states(torch.tensor(step.ids, dtype=torch.long, device=dev), fb)
 
     def _hidden_states(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """The forward: all-decode batches through the compiled graph when there is one, else eager."""

@@ -28,10 +28,11 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..validation import check
+from .batch import ForwardBatch
 from .layers import SwiGLU
 from .mla import MLA
 from .moe import Experts, MoE
-from .ops import TRAINING, Kernels
+from .ops import INFERENCE, TRAINING, Kernels
 
 Reduce = Callable[[torch.Tensor], None]  # sums a tensor over the ranks, in place
 
@@ -45,35 +46,54 @@ EXPERTS = tuple(EXPERT_HIDDEN)
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Rank `rank` of `size` ranks; `expert_parallel`: routed experts split whole, else each expert's F split."""
+    """Rank `rank` of `size` ranks; `expert_parallel`: routed experts split whole, else each expert's F split.
+    With `data_parallel` D > 1 the ranks form D groups of T = size / D: attention is split T ways within a group
+    (each group attends over its own sequences), the FFNs `size` ways."""
 
     rank: int
     size: int
     expert_parallel: bool = False
+    data_parallel: int = 1
+
+    @property
+    def tp(self) -> int:
+        """Ranks an attention layer is split over."""
+        return self.size // self.data_parallel
+
+    @property
+    def group(self) -> int:
+        """This rank's data-parallel group."""
+        return self.rank // self.tp
 
     def check(self, cfg: ModelConfig, owner: str = "config field ") -> None:
-        """FieldError naming tensor_parallel_size when the model does not split `size` ways."""
-        W, field = self.size, "tensor_parallel_size"
-        check(cfg.num_attention_heads % W == 0, field, W, f"must divide num_attention_heads="
+        """FieldError naming tensor_parallel_size (or data_parallel_size) when the model does not split so."""
+        T, D, W = self.tp, self.data_parallel, self.size
+        check(cfg.num_attention_heads % T == 0, "tensor_parallel_size", T, f"must divide num_attention_heads="
               f"{cfg.num_attention_heads} (attention is split by heads)", owner)
+        # the FFNs split over all W ranks: a failure names the factor the user chose last
+        field, value, ways = ("tensor_parallel_size", T, "") if D == 1 else \
+            ("data_parallel_size", D, f" (x tensor_parallel_size={T}: {W} ranks)")
         dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
-        check(not dense or cfg.intermediate_size % W == 0, field, W,
-              f"must divide intermediate_size={cfg.intermediate_size} (dense FFNs are split)", owner)
+        check(not dense or cfg.intermediate_size % W == 0, field, value,
+              f"must divide intermediate_size={cfg.intermediate_size}{ways} (dense FFNs are split)", owner)
         if not cfg.n_routed_experts:
             return
         shared = cfg.n_shared_experts * cfg.moe_intermediate_size
-        check(shared % W == 0, field, W, f"must divide the shared experts' hidden size {shared}", owner)
+        check(shared % W == 0, field, value, f"must divide the shared experts' hidden size {shared}{ways}", owner)
         if self.expert_parallel:
-            check(cfg.n_routed_experts % W == 0, field, W, f"must divide n_routed_experts={cfg.n_routed_experts} "
-                  "under enable_expert_parallel (each rank holds E/W whole experts)", owner)
+            check(cfg.n_routed_experts % W == 0, field, value, f"must divide n_routed_experts={cfg.n_routed_experts}"
+                  f"{ways} under enable_expert_parallel (each rank holds E/W whole experts)", owner)
         else:
-            check(cfg.moe_intermediate_size % W == 0, field, W, f"must divide moe_intermediate_size="
-                  f"{cfg.moe_intermediate_size} (each expert's hidden dim is split; or enable_expert_parallel)", owner)
+            check(cfg.moe_intermediate_size % W == 0, field, value, f"must divide moe_intermediate_size="
+                  f"{cfg.moe_intermediate_size}{ways} (each expert's hidden dim is split; or enable_expert_parallel)",
+                  owner)
 
-    def part(self, n: int) -> tuple[int, int]:
-        """This rank's [start, stop) of n items split in W contiguous equal parts."""
-        step = n // self.size
-        return self.rank * step, (self.rank + 1) * step
+    def part(self, n: int, native: str = "") -> tuple[int, int]:
+        """This rank's [start, stop) of n items split in equal contiguous parts: T ways for attention's
+        parameters (within the data-parallel group), W ways for the rest."""
+        index, ways = (self.rank % self.tp, self.tp) if ".attn." in f".{native}" else (self.rank, self.size)
+        step = n // ways
+        return index * step, (index + 1) * step
 
     def split_dim(self, native: str) -> int | None:
         """The dim of a native parameter this rank keeps a part of; None where it is replicated."""
@@ -96,7 +116,7 @@ class Layout:
         if dim is None or (expert is not None and self.expert_parallel):
             return None
         dim = dim - 1 if expert is not None else dim  # a hub expert tensor is one matrix of the stack
-        return (dim, *self.part(full_shape[dim]))
+        return (dim, *self.part(full_shape[dim], native))
 
     def local_expert(self, native: str, expert: int | None, n_experts: int) -> int | None:
         """Index into this rank's stack of checkpoint expert `expert` (-1: another rank's); `expert` if not split."""
@@ -138,16 +158,17 @@ def shard(model: nn.Module, layout: Layout, reduce: Reduce) -> None:
         if dim is None:
             continue
         owner_name, _, attr = name.rpartition(".")
-        start, stop = layout.part(p.shape[dim])
+        start, stop = layout.part(p.shape[dim], name)
         kept = p.detach().narrow(dim, start, stop - start)
         model.get_submodule(owner_name)._parameters[attr] = nn.Parameter(
             kept if kept.is_meta else kept.clone(), requires_grad=False)
     for layer in model.layers:
         attn: MLA = layer.attn
-        attn.n_heads //= layout.size
+        attn.n_heads //= layout.tp
         if attn.w_uk is not None:
             attn.absorb_weights()
-        attn.wo.register_forward_hook(_reducing(reduce))
+        if layout.data_parallel == 1:  # else hidden_states_dp reduces, joining the groups' rows too
+            attn.wo.register_forward_hook(_reducing(reduce))
         ffn = layer.ffn
         if isinstance(ffn, MoE) and layout.expert_parallel:
             ffn.experts = LocalExperts(ffn.experts, layout.part(model.config.n_routed_experts)[0])
@@ -160,3 +181,22 @@ def _reducing(reduce: Reduce) -> Callable:
         assert out.is_contiguous(), "a reduced output must be contiguous: the all-reduce works in place"
         reduce(out)
     return hook
+
+
+def hidden_states_dp(model: nn.Module, input_ids: torch.Tensor, batch: ForwardBatch | None, rows: tuple[int, int],
+                     kv_cache: torch.Tensor, reduce: Reduce, kernels: Kernels = INFERENCE) -> torch.Tensor:
+    """Transformer.hidden_states_paged under data-parallel attention: every rank holds all N tokens' hidden
+    states, attends (its heads) over only its group's rows [lo, hi) with its group's `batch` and cache, and one
+    all-reduce sums the heads' partial outputs and joins the groups' rows; the FFNs run on all N tokens. -> (N, D)
+    (Block.forward written out, for the slicing around attention.)"""
+    lo, hi = rows
+    x = model.embed(input_ids)[None]  # (1, N, D)
+    freqs_cis = model.rotary(batch.positions[None]) if batch is not None else None  # (1, hi - lo, R/2) complex
+    for layer, cache in zip(model.layers, kv_cache):
+        a = torch.zeros_like(x)  # (1, N, D)
+        if batch is not None:
+            a[:, lo:hi] = layer.attn(layer.attn_norm(x[:, lo:hi], kernels), freqs_cis, batch, cache, kernels)
+        reduce(a)
+        x = x + a
+        x = x + layer.ffn(layer.ffn_norm(x, kernels), kernels)  # its hook all-reduces over every rank
+    return model.norm(x[0], kernels)
