@@ -1,9 +1,10 @@
 """Serving over several processes on one machine: rank 0 (this process) keeps the scheduler, sampler and tokenizer
 and computes too; ranks 1..W-1 are worker processes started here, each holding its part of the model (model/
-parallel.py) and a full copy of the latent cache, and running the same forward in lockstep.
+parallel.py) and a latent cache (of every sequence, or with data-parallel groups of its group's), and running the
+same forward in lockstep.
 
-Every step rank 0 sends the step's inputs (plain lists, runner.StepInputs) down a pipe to each worker, then all W
-run the forward, joined by all-reduces on a process group of their own (gloo on CPU, NCCL on CUDA; not the default
+Every step rank 0 sends the step's inputs (plain lists, runner.StepInputs; with groups, the worker's group's part
+and all token ids) down a pipe to each worker, then all W run the forward, joined by all-reduces on a process group of their own (gloo on CPU, NCCL on CUDA; not the default
 group, so a caller's own torch.distributed stays untouched). Only rank 0 computes logits.
 
 A worker that dies or stalls is noticed by rank 0 as a failed collective (a closed socket at once, a stall after

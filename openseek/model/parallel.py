@@ -13,6 +13,8 @@ rank `layout.rank`'s part of `layout.size` ranks, in place: parameter and module
   by one `reduce`: the simplest correct scheme, one all-reduce of (N, D) per layer instead of two all_to_alls.
   Without it, every expert's hidden dim F is split (w1 / w3 rows, w2 columns), as vLLM does without EP.
 - Router, embedding, lm_head and norms are replicated.
+- With `data_parallel` D > 1 (data-parallel attention) the ranks form D groups of T: attention is split T ways
+  within a group and each group attends over its own sequences (hidden_states_dp), the FFNs split W ways.
 
 Shapes: N tokens, K experts per token, M (token, expert) pairs on this rank, D model dim, E routed experts.
 """
