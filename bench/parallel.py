@@ -36,20 +36,20 @@ def measure(llm: LLM, prompts: list, params: SamplingParams) -> tuple[list, floa
     """(tokens, seconds, forward steps) of one generate call, after a warm-up call."""
     runner = llm.llm_engine.runner
     steps = [0]
-    forward = runner.hidden_states
+    forward = runner.run
 
-    def counted(step):
+    def counted(batch):
         steps[0] += 1
-        return forward(step)
+        return forward(batch)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     llm.reset_prefix_cache()
-    runner.hidden_states = counted
+    runner.run = counted
     if hasattr(runner, "workers"):
         runner.workers.comm_seconds[0] = 0.0
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
-    runner.hidden_states = forward
+    runner.run = forward
     return [o.outputs[0].token_ids for o in outs], seconds, steps[0]
 
 
@@ -72,23 +72,28 @@ def main() -> None:
     want, t1, steps1 = runs[2]
 
     torch.set_num_threads(1)  # rank 0's count; the worker it starts takes the same
-    two = LLM(args.path, tensor_parallel_size=2, enable_expert_parallel=args.expert_parallel, **common)
-    try:
-        got, t2, steps2 = measure(two, prompts, params)
-        comm = two.llm_engine.runner.workers.comm_seconds[0]
-        stats = two.llm_engine.runner.worker_stats()
-    finally:
-        two.llm_engine.shutdown()
-    layout = "TP=2 + EP=2" if args.expert_parallel else "TP=2 (expert F split)"
+    experts = "EP=2" if args.expert_parallel else "expert F split"
+    rows, same = [], True
+    for name, sizes in ((f"TP=2, {experts}", dict(tensor_parallel_size=2)),
+                        (f"DP attention=2, {experts}", dict(data_parallel_size=2))):
+        two = LLM(args.path, enable_expert_parallel=args.expert_parallel, **sizes, **common)
+        try:
+            got, t2, steps2 = measure(two, prompts, params)
+            comm = two.llm_engine.runner.workers.comm_seconds[0]
+            stats = two.llm_engine.runner.worker_stats()
+        finally:
+            two.llm_engine.shutdown()
+        same = same and got == want
+        rows.append([f"2 processes x 1 thread, {name}", f"{generated / t2:.1f}", f"{t2:.2f}", steps2,
+                     f"{1000 * comm / max(steps2, 1):.2f} ({comm / t2:.0%})",
+                     " / ".join(f"{s['routed_experts'] / 1e6:.1f}" for s in stats)])
     print(f"{args.path}: {args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} new each, {args.dtype}")
     print(markdown_table(
-        ["run", "tok/s", "seconds", "forward steps", "all-reduce ms/step (rank 0)", "routed-expert MB per rank"],
+        ["run", "tok/s", "seconds", "forward steps", "all-reduce ms/step (share of run), rank 0",
+         "routed-expert MB per rank"],
         [[f"1 process x {n} thread{'s' * (n > 1)}", f"{generated / t:.1f}", f"{t:.2f}", steps, "-", "-"]
-         for n, (_, t, steps) in runs.items()] +
-        [[f"2 processes x 1 thread, {layout}", f"{generated / t2:.1f}", f"{t2:.2f}", steps2,
-          f"{1000 * comm / max(steps2, 1):.2f}", " / ".join(f"{s['routed_experts'] / 1e6:.1f}" for s in stats)]]))
-    same = got == want == runs[1][0]
-    print(f"all-reduce share of the 2-process run: {comm / t2:.0%}; same tokens in all runs: {same}")
+         for n, (_, t, steps) in runs.items()] + rows))
+    print(f"same tokens in all runs: {same and runs[1][0] == want}")
 
 
 if __name__ == "__main__":
