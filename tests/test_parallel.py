@@ -172,6 +172,28 @@ def test_a_killed_worker_fails_the_requests_and_stops_the_server_loop(v2):
     engine.shutdown()
 
 
+def test_a_worker_that_fails_is_reported_with_its_error(v2):
+    llm = LLM(v2, tensor_parallel_size=2, **SMALL)
+    engine = llm.llm_engine
+    try:
+        engine.runner.workers.send(("step", None))  # a step the worker cannot run: it reports, then exits
+        engine.runner.workers.procs[0].join(timeout=30)
+        out = llm.generate(prompts(1)[0], GREEDY)[0]
+        assert out.outputs[0].finish_reason == "error"
+        assert "worker rank 1 exited with code 1 after failing: AttributeError" in out.error
+    finally:
+        engine.shutdown()
+
+
+def test_int8_quantised_per_rank_matches_one_process_int8(v2):
+    want = tokens(LLM(v2, quantization="int8", **SMALL).generate(prompts(), GREEDY))
+    llm = LLM(v2, tensor_parallel_size=2, enable_expert_parallel=True, quantization="int8", **SMALL)
+    try:
+        assert tokens(llm.generate(prompts(), GREEDY)) == want
+    finally:
+        llm.llm_engine.shutdown()
+
+
 def test_a_stalled_worker_times_out_instead_of_hanging(v2):
     llm = LLM(v2, tensor_parallel_size=2, distributed_timeout=3, **SMALL)
     engine = llm.llm_engine

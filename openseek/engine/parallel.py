@@ -125,14 +125,28 @@ class Workers:
         conn, proc = self.conns[rank - 1], self.procs[rank - 1]
         while not conn.poll(0.1):
             if not proc.is_alive():
-                raise self.lost(f"worker rank {rank} exited with code {proc.exitcode}")
+                raise self.lost(self._why_dead(rank))
         try:
             kind, payload = conn.recv()
         except EOFError:
-            raise self.lost(f"worker rank {rank} closed its pipe (exit code {proc.exitcode})") from None
+            raise self.lost(self._why_dead(rank)) from None
         if kind != what:
             raise self.lost(f"worker rank {rank} failed: {payload}")
         return payload
+
+    def _why_dead(self, rank: int) -> str:
+        """A dead worker's last word (the error it sent before exiting), and its exit code."""
+        conn, proc = self.conns[rank - 1], self.procs[rank - 1]
+        proc.join(timeout=1)
+        why = f"worker rank {rank} exited with code {proc.exitcode}"
+        try:
+            while conn.poll(0):
+                kind, payload = conn.recv()
+                if kind == "error":
+                    return f"{why} after failing: {payload}"
+        except (EOFError, OSError):
+            pass  # nothing more to read
+        return why
 
     def send(self, message: tuple | list[tuple]) -> None:
         """The message to every worker, or message[r - 1] to rank r."""
@@ -148,7 +162,7 @@ class Workers:
         if self.error is None:
             for rank, proc in enumerate(self.procs, 1):
                 if not proc.is_alive():
-                    self.lost(f"worker rank {rank} exited with code {proc.exitcode}")
+                    self.lost(self._why_dead(rank))
                     break
         if self.error is not None:
             raise WorkerLost(self.error)
@@ -162,17 +176,10 @@ class Workers:
 
     def diagnose(self, e: Exception) -> WorkerLost:
         """After a failed step: which worker reported what, or died, else the failure itself."""
-        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs), 1):
-            proc.join(timeout=0.5 if not proc.is_alive() else 0)
-            try:
-                if conn.poll(0):
-                    kind, payload = conn.recv()
-                    if kind == "error":
-                        return self.lost(f"worker rank {rank} failed: {payload}")
-            except (EOFError, OSError):
-                pass  # its pipe closed: it died, and says so below
+        for rank, proc in enumerate(self.procs, 1):
+            proc.join(timeout=0.5)  # a worker whose step failed is exiting
             if not proc.is_alive():
-                return self.lost(f"worker rank {rank} exited with code {proc.exitcode}")
+                return self.lost(self._why_dead(rank))
         return self.lost(f"the step failed on rank 0 ({type(e).__name__}: {e}), so the ranks are out of step")
 
     def close(self) -> None:
