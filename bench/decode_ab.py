@@ -51,8 +51,8 @@ def import_revision(rev: str) -> object:
 
 def case_engine(pkg, path: Path, dtype: torch.dtype, batch: int, new_tokens: int, plen: int, **fields):
     """An engine of `pkg`, and a function queueing `batch` greedy requests of fixed random prompts on it."""
-    llm = pkg.LLM(str(path), dtype=dtype, max_num_seqs=batch, enable_prefix_caching=False,
-                  max_model_len=plen + new_tokens + 16, **fields)
+    defaults = dict(max_num_seqs=batch, enable_prefix_caching=False, max_model_len=plen + new_tokens + 16)
+    llm = pkg.LLM(str(path), dtype=dtype, **(defaults | fields))  # fields given override the defaults
     engine = llm.llm_engine
     vocab = engine.model.config.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -134,3 +134,12 @@ def test_compiled_decode_gives_the_eager_tokens():
 def test_compile_must_be_a_bool():
     with pytest.raises(ValueError, match="compile"):
         openseek.EngineConfig(compile="yes")
+
+
+def test_each_layer_caches_in_a_tensor_of_its_own(bundled):
+    # a view of one (layers, slots, C + R) tensor, written in place inside the compiled graph, was copied out and
+    # back whole by functionalization every step: a step cost the size of the cache, not of the tokens
+    cache = openseek.LLM(bundled, max_num_seqs=2, max_model_len=64).llm_engine.runner.kv_cache
+    assert len(cache) == bundled.config.num_hidden_layers
+    assert len({c.untyped_storage().data_ptr() for c in cache}) == len(cache)
+    assert all(c.is_contiguous() and c._base is None for c in cache)

@@ -111,7 +111,7 @@ def test_data_parallel_attention_v2_matches_one_process_with_a_cache_per_group(v
             engine.add_request(f"r{i}", p, GREEDY)
         engine.step()
         assert [len(g.running) for g in engine.scheduler.groups] == [2, 2]  # each group attends over its own
-        assert engine.token_capacity == 2 * engine.runner.kv_cache.shape[1]  # two caches, one per group
+        assert engine.token_capacity == 2 * engine.runner.kv_cache[0].shape[0]  # two caches, one per group
         engine.abort("r1")
         while engine.has_unfinished_requests():
             engine.step()

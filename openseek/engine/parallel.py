@@ -4,8 +4,9 @@ parallel.py) and a latent cache (of every sequence, or with data-parallel groups
 same forward in lockstep.
 
 Every step rank 0 sends the step's inputs (plain lists, runner.StepInputs; with groups, the worker's group's part
-and all token ids) down a pipe to each worker, then all W run the forward, joined by all-reduces on a process group of their own (gloo on CPU, NCCL on CUDA; not the default
-group, so a caller's own torch.distributed stays untouched). Only rank 0 computes logits.
+and all token ids) down a pipe to each worker, then all W run the forward, joined by all-reduces on a process
+group of their own (gloo on CPU, NCCL on CUDA; not the default group, so a caller's own torch.distributed stays
+untouched). Only rank 0 computes logits.
 
 A worker that dies or stalls is noticed by rank 0 as a failed collective (a closed socket at once, a stall after
 `distributed_timeout` seconds) or by a liveness check before each step: the step's requests fail with an error
@@ -262,7 +263,7 @@ class ParallelRunner(ModelRunner):
 def dp_forward(runner: ModelRunner, ids: list[int], step: StepInputs | None, rows: tuple[int, int],
                reduce: Reduce) -> torch.Tensor:
     """One rank's forward under data-parallel attention: all tokens, its group's sequences' attention. -> (N, D)"""
-    dev = runner.kv_cache.device
+    dev = runner.kv_cache[0].device
     batch = runner.forward_batch(step) if step is not None else None
     return hidden_states_dp(runner.model, torch.tensor(ids, dtype=torch.long, device=dev), batch, rows,
                             runner.kv_cache, reduce)

@@ -43,9 +43,11 @@ class ModelRunner:
         cfg = model.config
         self.model, self.block_size = model, block_size
         model.absorb_weights()  # the absorbed path's W_UK / W_UV^T, built once from the loaded weights
-        # The latent cache and nothing else: per layer and token, c_kv (C) and the rotated k_pe (R).
-        self.kv_cache = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.kv_cache_dim,
-                                    dtype=model.dtype, device=model.device)
+        # The latent cache and nothing else: per layer and token, c_kv (C) and the rotated k_pe (R). One tensor per
+        # layer, not a view of one: the compiled graph writes a graph input in place, but a view of one would have
+        # every layer's whole cache copied out and back by functionalization, every step.
+        self.kv_cache = [torch.zeros(num_blocks * block_size, cfg.kv_cache_dim, dtype=model.dtype, device=model.device)
+                         for _ in range(cfg.num_hidden_layers)]
         # decode steps as one graph: per-op dispatch, not bandwidth, bounds a small model's decode step; dynamic,
         # so that batch size and context length compile once, not once per value; the C++ wrapper calls the
         # graph's kernels without a Python line per op
@@ -59,7 +61,7 @@ class ModelRunner:
 
     @property
     def cache_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
+        return sum(c.numel() * c.element_size() for c in self.kv_cache)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
@@ -69,7 +71,7 @@ class ModelRunner:
 
     def logits(self, h: torch.Tensor, last: list[int], spans: list[tuple[int, int, int]]) -> RunOutput:
         """Logits of the rows of h (N, D) that sample, and of the spans of logged prefill chunks."""
-        dev = self.kv_cache.device
+        dev = self.kv_cache[0].device
         sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
         chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
         return RunOutput(sample, chunks)
@@ -97,10 +99,10 @@ class ModelRunner:
     def hidden_states(self, step: StepInputs) -> torch.Tensor:
         """The forward over the step's tokens, extending the cache: final hidden states (N, D)."""
         fb = self.forward_batch(step)
-        return self._hidden_states(torch.tensor(step.ids, dtype=torch.long, device=self.kv_cache.device), fb)
+        return self._hidden_states(torch.tensor(step.ids, dtype=torch.long, device=self.kv_cache[0].device), fb)
 
     def forward_batch(self, step: StepInputs) -> ForwardBatch:
-        dev = self.kv_cache.device
+        dev = self.kv_cache[0].device
         return ForwardBatch(
             positions=torch.tensor(step.positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),

@@ -111,7 +111,7 @@ class MLA(nn.Module):
         if batch is None:
             o = self.attend_expanded(q_nope, q_pe, c_kv, k_pe, kernels=kernels)
         else:
-            cache.index_copy_(0, batch.slot_mapping, torch.cat((c_kv, k_pe), dim=-1)[0])  # cache: (slots, C + R)
+            cache.index_put_((batch.slot_mapping,), torch.cat((c_kv, k_pe), dim=-1)[0])  # cache: (slots, C + R)
             o = self._attend_paged(q_nope[0], q_pe[0], cache, batch, kernels)[None]
         return self.wo(o.flatten(2), kernels)  # (B, S, D)
 

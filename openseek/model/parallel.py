@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -186,7 +187,7 @@ def _reducing(reduce: Reduce) -> Callable:
 
 
 def hidden_states_dp(model: nn.Module, input_ids: torch.Tensor, batch: ForwardBatch | None, rows: tuple[int, int],
-                     kv_cache: torch.Tensor, reduce: Reduce, kernels: Kernels = INFERENCE) -> torch.Tensor:
+                     kv_cache: Sequence[torch.Tensor], reduce: Reduce, kernels: Kernels = INFERENCE) -> torch.Tensor:
     """Transformer.hidden_states_paged under data-parallel attention: every rank holds all N tokens' hidden
     states, attends (its heads) over only its group's rows [lo, hi) with its group's `batch` and cache, and one
     all-reduce sums the heads' partial outputs and joins the groups' rows; the FFNs run on all N tokens. -> (N, D)

@@ -6,6 +6,8 @@ Shapes: B batch, S tokens, N packed new tokens, D model dim, V vocabulary, R rop
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -78,9 +80,10 @@ class Transformer(nn.Module):
             x = layer(x, freqs_cis, kernels=kernels)
         return self.norm(x, kernels)
 
-    def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor,
+    def hidden_states_paged(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: Sequence[torch.Tensor],
                             kernels: Kernels = INFERENCE) -> torch.Tensor:
-        """Hidden states (N, D) of N packed new tokens, reading and extending kv_cache (layers, slots, C + R)."""
+        """Hidden states (N, D) of N packed new tokens, reading and extending kv_cache: a (slots, C + R) tensor per
+        layer."""
         freqs_cis = self.rotary(batch.positions[None])  # (1, N, R/2) complex
         x = self.embed(input_ids)[None]  # (1, N, D)
         for layer, cache in zip(self.layers, kv_cache):
