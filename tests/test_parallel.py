@@ -88,6 +88,7 @@ def test_expert_parallel_v2_matches_one_process_with_chunks_prefix_hits_and_abor
         assert stats[0]["cache"] == stats[1]["cache"] == engine.runner.cache_bytes  # the latent cache: replicated
     finally:
         llm.llm_engine.shutdown()
+    assert not any(p.is_alive() for p in llm.llm_engine.runner.workers.procs)
 
 
 def test_tensor_parallel_v3_with_split_expert_hidden_matches_one_process(v3):
@@ -275,3 +276,24 @@ def test_cli_generate_with_tensor_and_expert_parallel_flags_gives_the_same_text(
     bad = subprocess.run([sys.executable, "-m", "openseek", "generate", "--tensor-parallel-size", "3", "Hello"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "tensor_parallel_size=3 is invalid: must divide num_attention_heads=4" in bad.stderr
+
+
+@pytest.mark.parametrize("ep", [True, False])
+def test_a_rank_reads_only_the_bytes_of_its_part(v2, monkeypatch, ep):
+    """Bytes read from the checkpoint by rank 1 of 2 are its parameters' bytes: other ranks' experts and slices
+    are never read."""
+    from openseek.model import load_pretrained, weights
+
+    read = [0]
+    original = weights._Shard._read
+
+    def counting(self, name, view, offset):
+        read[0] += len(view)
+        return original(self, name, view, offset)
+    monkeypatch.setattr(weights._Shard, "_read", counting)
+    full = load_pretrained(v2)
+    full_bytes, read[0] = read[0], 0
+    part = load_pretrained(v2, layout=Layout(1, 2, ep), reduce=lambda t: None)
+    own = sum(t.numel() * t.element_size() for t in part.state_dict().values())
+    assert read[0] == own < 0.75 * full_bytes
+    assert full_bytes == sum(t.numel() * t.element_size() for t in full.state_dict().values())

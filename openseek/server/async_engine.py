@@ -119,10 +119,11 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the loop thread, aborting whatever is still in flight."""
+        """Stop the loop thread, aborting whatever is still in flight, and the engine's worker processes if any."""
         if self._thread is not None:
             self._commands.put(_STOP)
             self._thread.join()
+        self.llm_engine.shutdown()
 
     # ---- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
