@@ -117,8 +117,13 @@ def test_data_parallel_attention_v2_matches_one_process_with_a_cache_per_group(v
         while engine.has_unfinished_requests():
             engine.step()
         check_against_one_process(llm, v2)
+        logged = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)  # every prompt token's logits
+        one = LLM(v2, max_num_batched_tokens=16, **SMALL)
+        for got, want in zip(llm.generate(prompts(4, seed=8), logged), one.generate(prompts(4, seed=8), logged)):
+            for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+                assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-4 for t in w)
         stats = engine.runner.worker_stats()
-        full = LLM(v2, **SMALL).llm_engine.model
+        full = one.llm_engine.model
         full_experts = sum(p.numel() * 4 for n, p in full.named_parameters() if ".experts." in n)
         assert [s["routed_experts"] for s in stats] == [full_experts // 2] * 2
     finally:
