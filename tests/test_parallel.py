@@ -302,3 +302,20 @@ def test_a_rank_reads_only_the_bytes_of_its_part(v2, monkeypatch, ep):
     own = sum(t.numel() * t.element_size() for t in part.state_dict().values())
     assert read[0] == own < 0.75 * full_bytes
     assert full_bytes == sum(t.numel() * t.element_size() for t in full.state_dict().values())
+
+
+def test_torchrun_launched_ranks_serve_rank_0_and_exit():
+    """`torchrun --nproc-per-node 2 -m openseek generate --tensor-parallel-size 2`: rank 0 prints the one-process
+    text, rank 1 serves it as a worker, and both exit 0."""
+    import shutil
+    import subprocess
+
+    import openseek
+    want = LLM(openseek.BUNDLED_MODEL, dtype="float32").generate("Hello", SamplingParams(temperature=0, max_tokens=8))
+    torchrun = shutil.which("torchrun")
+    assert torchrun, "torchrun is installed with torch"
+    run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "openseek", "generate",
+                          "--tensor-parallel-size", "2", "--enable-expert-parallel", "--max-tokens", "8", "Hello"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == want[0].outputs[0].text + "\n"

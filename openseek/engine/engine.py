@@ -32,12 +32,14 @@ from .block_pool import BlockPool
 from .config import EngineConfig
 from .data_parallel import data_parallel_scheduler
 from .output_processor import Logprobs, RequestState, StepOutput
-from .parallel import ParallelRunner, Workers, load_rank
+from .parallel import ParallelRunner, load_rank
 from .runner import ModelRunner
 from .sampler import SamplingParams, TokenMasks, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
 from .structured import GrammarCompiler, StructuredOutputsParams, advance, token_masks
+from .workers import Workers, launched_rank, serve_as_worker
+from .workers import start as start_workers
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +124,17 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None) -> LLMEngine:
         """Load a model folder (weights at config.dtype on config.device, quantised as config.quantization says,
-        tokenizer.json if any) into an engine."""
+        tokenizer.json if any) into an engine. With more than one rank, this process is rank 0 and starts the
+        others (workers.py); under torchrun, on any other rank it serves rank 0 as a worker and then exits."""
         config = config or EngineConfig()
-        if config.world_size > 1:  # workers start and load their parts while this process loads rank 0's
-            workers = Workers(path, config)
+        if config.world_size > 1:
+            if launched_rank(config):  # torchrun started this process as a rank other than 0: serve rank 0
+                serve_as_worker(path, config)
+                raise SystemExit(0)
+            workers = start_workers(path, config)  # they load their parts while this process loads rank 0's
             try:
-                return cls(load_rank(path, config, 0, workers.reduce), Tokenizer.from_pretrained(path), config,
-                           workers)
+                return cls(load_rank(path, config, 0, workers.device, workers.reduce), Tokenizer.from_pretrained(path),
+                           config, workers)
             except BaseException:
                 workers.close()
                 raise
