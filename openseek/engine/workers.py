@@ -102,11 +102,12 @@ class _StoreLine:
 
     def poll(self, seconds: float) -> bool:
         key = f"{self.recv_prefix}/{self.received}"
-        deadline = time.monotonic() + seconds
-        while not self.store.check([key]):
+        deadline, pause = time.monotonic() + seconds, 0.0005
+        while not self.store.check([key]):  # store.wait would do, but logs a warning at every timeout
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)  # prompt within a busy run of steps, few round trips when idle
         return True
 
     def recv(self) -> Any:
