@@ -150,12 +150,12 @@ def test_a_killed_worker_fails_the_requests_and_stops_the_server_loop(v2):
     worker = engine.runner.workers.procs[0]
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(timeout=10)
+    assert not engine.healthy  # seen before any step: the server's /health answers 503 at once
     start = time.monotonic()
     outs = []
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert outs[-1].finish_reason == "error" and "worker rank 1" in outs[-1].output.error
-    assert not engine.healthy
     again = llm.generate(prompts(1)[0], GREEDY)[0]  # fails at once, names the cause
     assert again.outputs[0].finish_reason == "error" and "exited with code -9" in again.error
     assert time.monotonic() - start < 10
