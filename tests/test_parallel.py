@@ -319,3 +319,21 @@ def test_torchrun_launched_ranks_serve_rank_0_and_exit():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout == want[0].outputs[0].text + "\n"
+
+
+def test_data_parallel_scheduler_keeps_each_sequence_in_its_groups_pool():
+    from openseek.engine.data_parallel import data_parallel_scheduler
+    from openseek.engine.sequence import Sequence
+
+    pools, scheduler = data_parallel_scheduler(2, 4, True, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    seqs = [Sequence(f"r{i}", list(range(10 * i, 10 * i + 5)), max_tokens=4) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert [p.seqs for p in batch.parts] == [[seqs[0], seqs[2]], [seqs[1]]]  # the least-loaded group each time
+    assert batch.seqs == seqs[0::2] + seqs[1:2] and batch.num_new == [5, 5, 5]
+    assert [p.num_free for p in pools.pools] == [0, 2] and pools.num_free == 2 and pools.num_blocks == 8
+    scheduler.after_step(batch)
+    scheduler.finish(seqs[0], "stop")
+    assert [p.num_free for p in pools.pools] == [2, 2]  # its blocks went back to its own group's pool
+    assert scheduler.running == [seqs[2], seqs[1]] and scheduler.has_unfinished()

@@ -46,7 +46,7 @@ class EngineConfig:
         "batch shape compile for tens of seconds); eager, with a logged reason, where compilation fails"))
     tensor_parallel_size: int = field(default=1, metadata=_help(
         "processes the model is split over (attention heads, dense FFNs, shared experts; routed experts too, by "
-        "their hidden dim or, with enable_expert_parallel, whole); started by openseek on this machine"))
+        "their hidden dim or, with enable_expert_parallel, whole); started by openseek on this machine, or by torchrun"))
     data_parallel_size: int = field(default=1, metadata=_help(
         "groups of tensor_parallel_size processes that each attend over, and cache, their own sequences; the "
         "FFNs and experts split over all tensor_parallel_size x data_parallel_size processes"))

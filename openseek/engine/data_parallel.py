@@ -53,7 +53,7 @@ class DataParallelScheduler:
 
     def __init__(self, groups: list[Scheduler]):
         self.groups = groups
-        self._group_of: dict[int, int] = {}  # id(seq) -> its group, while it is unfinished
+        self._group_of: dict[Sequence, int] = {}  # its group, while it is unfinished (sequences hash by identity)
 
     @property
     def waiting(self) -> list[Sequence]:
@@ -66,7 +66,7 @@ class DataParallelScheduler:
     def add(self, seq: Sequence) -> None:
         load = [len(g.waiting) + len(g.running) for g in self.groups]
         k = load.index(min(load))
-        self._group_of[id(seq)] = k
+        self._group_of[seq] = k
         self.groups[k].add(seq)
 
     def has_unfinished(self) -> bool:
@@ -87,7 +87,7 @@ class DataParallelScheduler:
             g.after_step(part)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        k = self._group_of.pop(id(seq), None)
+        k = self._group_of.pop(seq, None)
         if k is not None:
             self.groups[k].finish(seq, reason)
 
