@@ -1,7 +1,8 @@
 """Tensor and expert parallelism for serving, applied to a built Transformer from outside (as torchtitan does).
 
 `shard(model, layout, reduce)` turns a one-device model, on the meta device (before loading) or loaded, into
-rank `layout.rank`'s part of `layout.size` ranks, in place: parameter and module names stay the one-device ones.
+rank `layout.rank`'s part of W = `layout.size` ranks, in place: parameter and module names stay the one-device
+ones. T = W ways for attention, or W / data_parallel with data-parallel groups.
 
 - MLA: heads split (Megatron-style): wq / wq_b and wkv_b keep the rows of this rank's H/T heads (column
   parallel), wo the matching input columns (row parallel); the partial outputs are summed by `reduce` after wo.
@@ -13,8 +14,8 @@ rank `layout.rank`'s part of `layout.size` ranks, in place: parameter and module
   by one `reduce`: the simplest correct scheme, one all-reduce of (N, D) per layer instead of two all_to_alls.
   Without it, every expert's hidden dim F is split (w1 / w3 rows, w2 columns), as vLLM does without EP.
 - Router, embedding, lm_head and norms are replicated.
-- With `data_parallel` D > 1 (data-parallel attention) the ranks form D groups of T: attention is split T ways
-  within a group and each group attends over its own sequences (hidden_states_dp), the FFNs split W ways.
+- With `data_parallel` > 1 (data-parallel attention) the ranks form that many groups of T: attention is split T
+  ways within a group and each group attends over its own sequences (hidden_states_dp), the FFNs split W ways.
 
 Shapes: N tokens, K experts per token, M (token, expert) pairs on this rank, D model dim, E routed experts.
 """
@@ -22,8 +23,8 @@ Shapes: N tokens, K experts per token, M (token, expert) pairs on this rank, D m
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,8 +51,8 @@ EXPERTS = tuple(EXPERT_HIDDEN)
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Rank `rank` of `size` ranks; `expert_parallel`: routed experts split whole, else each expert's F split.
-    With `data_parallel` D > 1 the ranks form D groups of T = size / D: attention is split T ways within a group
-    (each group attends over its own sequences), the FFNs `size` ways."""
+    With `data_parallel` > 1 the ranks form that many groups of T = size / data_parallel: attention is split T
+    ways within a group (each group attends over its own sequences), the FFNs `size` ways."""
 
     rank: int
     size: int
