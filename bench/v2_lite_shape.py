@@ -5,8 +5,8 @@ parameters, 31 GB in bfloat16), loaded with int8 and int4 weights, with peak RSS
     python bench/v2_lite_shape.py write [--path /tmp/openseek-bench/v2-lite-real]   # ~31 GB, shard by shard
     python bench/v2_lite_shape.py run [--path ...] [--formats int8,int4] [--new-tokens 16]
 
-`write` takes the tensor names and shapes from transformers' own DeepseekV2ForCausalLM built on the meta device
-(nothing allocated), then writes each tensor's random bfloat16 values (normal, std 0.02 as transformers initialises; norms 1)
+`write` takes the hub's tensor names and shapes from openseek's model built on the meta device (nothing
+allocated; its name map is the one the parity tests check against transformers), then writes each tensor's random bfloat16 values (normal, std 0.02 as transformers initialises; norms 1)
 into ~4 GB safetensors shards with the hub's index, holding one shard at a time; the bundled model's tokenizer
 goes beside them (its ids are a subset of the 102400; generated ids past its vocabulary decode to nothing).
 
@@ -53,19 +53,21 @@ def write(path: Path) -> None:
     """The checkpoint at path, unless one is there."""
     import torch
     from safetensors.torch import save_file
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     import openseek
     from openseek import BUNDLED_MODEL
+    from openseek.model import Transformer
+    from openseek.model.weights import hf_names
 
     if (path / "model.safetensors.index.json").exists():
         print(f"{path}: already written")
         return
     cfg = openseek.config.preset("v2-lite")
-    hf = cfg.to_hf()
     with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(DeepseekV2Config(**hf))
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model = Transformer(cfg)
+    params = model.state_dict()
+    shapes = {hf: tuple(params[native].shape[1:] if j is not None else params[native].shape)
+              for hf, (native, j) in hf_names(model).items()}  # the hub's names: one tensor per expert
     del model
     tmp = path.with_name(path.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def write(path: Path) -> None:
         weight_map |= dict.fromkeys(names, final)
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (tmp / "config.json").write_text(json.dumps({**hf, "torch_dtype": "bfloat16"}, indent=2))
+    (tmp / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": "bfloat16"}, indent=2))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp / f).write_bytes((BUNDLED_MODEL / f).read_bytes())
     tmp.rename(path)

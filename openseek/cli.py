@@ -19,10 +19,11 @@ from .summary import CACHE_DTYPE_BYTES, DEFAULT_CACHE_DTYPE, format_info, summar
 
 BUNDLED_MODEL_NAME = "openseek-demo"  # the model id `openseek serve` gives the bundled model
 LOCAL_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "quantization", "quantization_group_size",
-                       "compile")  # one sequence
+                       "compile", "tensor_parallel_size", "enable_expert_parallel")  # one sequence
 SERVE_ENGINE_FIELDS = ("dtype", "device", "max_model_len", "max_num_seqs", "kv_cache_memory", "block_size",
                        "max_num_batched_tokens", "enable_prefix_caching", "seed", "max_waiting", "quantization",
-                       "quantization_group_size", "compile")
+                       "quantization_group_size", "compile", "tensor_parallel_size", "data_parallel_size",
+                       "enable_expert_parallel", "distributed_timeout")
 
 
 class UsageError(Exception):
@@ -321,8 +322,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               args.host)
     # Only the engine's loop thread computes; an OpenMP team first created by the main thread (loading) slows the
     # loop thread's small kernels down, so load single-threaded.
+    # Worker processes (tensor / data parallel) are started while loading and take this thread's count then.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads if (args.tensor_parallel_size or 1) * (args.data_parallel_size or 1) > 1 else 1)
     engine = AsyncEngine(load_engine(args, SERVE_ENGINE_FIELDS), threads=threads)
     name = args.served_model_name or (args.model if args.model is not None else BUNDLED_MODEL_NAME)
     app = build_app(engine, name, api_key, pricing, args.public_metrics, limits, args.reasoning_parser,

@@ -44,6 +44,16 @@ class EngineConfig:
     compile: bool = field(default=False, metadata=_help(
         "run decode steps as a torch.compile graph (inductor; needs a C++ compiler on CPU; the first steps of each "
         "batch shape compile for tens of seconds); eager, with a logged reason, where compilation fails"))
+    tensor_parallel_size: int = field(default=1, metadata=_help(
+        "processes the model is split over (attention heads, dense FFNs, shared experts; routed experts too, by "
+        "their hidden dim or, with enable_expert_parallel, whole); started by openseek on this machine, or by torchrun"))
+    data_parallel_size: int = field(default=1, metadata=_help(
+        "groups of tensor_parallel_size processes that each attend over, and cache, their own sequences; the "
+        "FFNs and experts split over all tensor_parallel_size x data_parallel_size processes"))
+    enable_expert_parallel: bool = field(default=False, metadata=_help(
+        "split the routed experts whole over the tensor_parallel_size x data_parallel_size processes"))
+    distributed_timeout: int = field(default=60, metadata=_help(
+        "seconds a collective between the processes may wait before the engine declares a worker lost"))
 
     def __post_init__(self) -> None:
         own = "config field "
@@ -53,7 +63,8 @@ class EngineConfig:
         check(self.dtype is None or isinstance(self.dtype, torch.dtype), "dtype", self.dtype,
               "must be a torch.dtype, a dtype name or None", own)
         check(isinstance(self.device, str) and bool(self.device), "device", self.device, "must be a device name", own)
-        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_waiting"):
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_waiting", "tensor_parallel_size",
+                     "data_parallel_size", "distributed_timeout"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, name, value, "must be a positive integer", own)
         for name in ("max_model_len", "kv_cache_memory"):
@@ -63,12 +74,21 @@ class EngineConfig:
         check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", self.enable_prefix_caching,
               "must be a bool", own)
         check(isinstance(self.compile, bool), "compile", self.compile, "must be a bool", own)
+        check(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel", self.enable_expert_parallel,
+              "must be a bool", own)
+        check(self.world_size == 1 or not self.compile, "compile", self.compile, "is not supported with "
+              "more than one process (a compiled graph would break at every all-reduce)", own)
         check(is_int(self.seed), "seed", self.seed, "must be an integer", own)
         check(self.quantization in (None, *QUANT_SCHEMES), "quantization", self.quantization,
               f"must be one of {', '.join(QUANT_SCHEMES)} or None", own)
         check(self.quantization_group_size is None or self.quantization_group_size in QUANT_GROUP_SIZES,
               "quantization_group_size", self.quantization_group_size,
               f"must be one of {', '.join(map(str, QUANT_GROUP_SIZES))}, or None", own)
+
+    @property
+    def world_size(self) -> int:
+        """Processes serving the model."""
+        return self.tensor_parallel_size * self.data_parallel_size
 
     def model_len(self, max_position_embeddings: int) -> int:
         """max_model_len, or its default: the model's context, at most 8192 tokens."""

@@ -30,12 +30,16 @@ from ..tokenizer import Tokenizer
 from ..validation import FieldError
 from .block_pool import BlockPool
 from .config import EngineConfig
+from .data_parallel import data_parallel_scheduler
 from .output_processor import Logprobs, RequestState, StepOutput
+from .parallel import ParallelRunner, load_rank
 from .runner import ModelRunner
 from .sampler import SamplingParams, TokenMasks, sample
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, Status
 from .structured import GrammarCompiler, StructuredOutputsParams, advance, token_masks
+from .workers import Workers, launched_rank, serve_as_worker
+from .workers import start as start_workers
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +76,13 @@ class _Request:
 class LLMEngine:
     """Steps over `model` as given (its dtype and device; config.dtype and config.device only guide loading)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
+                 workers: Workers | None = None):
+        """`workers`: the other ranks of a tensor-parallel model, `model` being rank 0's part (from_pretrained)."""
         self.config = config = config or EngineConfig()
+        if config.world_size > 1 and workers is None:
+            raise FieldError("tensor_parallel_size", config.tensor_parallel_size, "needs a model folder, not a "
+                             "loaded Transformer: each process loads its own part", "config field ")
         self.model, self.tokenizer = model, tokenizer
         mcfg = model.config
         self.max_model_len = config.model_len(mcfg.max_position_embeddings)
@@ -92,12 +101,19 @@ class LLMEngine:
                              f"({bytes_per_token} bytes each): must hold max_model_len={self.max_model_len}",
                              "config field ")
         try:
-            self.runner = ModelRunner(model, num_blocks, config.block_size, config.compile)
+            self.runner = ModelRunner(model, num_blocks, config.block_size, config.compile) if workers is None \
+                else ParallelRunner(model, num_blocks, config.block_size, workers)
         except (RuntimeError, OverflowError, MemoryError, TypeError) as e:  # torch refuses a cache this size
             raise FieldError("kv_cache_memory", kv_cache_memory, f"could not be allocated on {model.device} "
                              f"({type(e).__name__}: {str(e).splitlines()[0]})", "config field ") from None
-        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        if config.data_parallel_size > 1:  # each group caches its own sequences: num_blocks each
+            self.pool, self.scheduler = data_parallel_scheduler(
+                config.data_parallel_size, num_blocks, config.enable_prefix_caching, config.block_size,
+                config.max_num_seqs, config.max_num_batched_tokens)
+        else:
+            self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs,
+                                       config.max_num_batched_tokens)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer else _as_int(mcfg.eos_token_id)
         self.requests: dict[str, _Request] = {}  # unfinished ones
         self._rng = random.Random(config.seed)
@@ -108,11 +124,33 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None) -> LLMEngine:
         """Load a model folder (weights at config.dtype on config.device, quantised as config.quantization says,
-        tokenizer.json if any) into an engine."""
+        tokenizer.json if any) into an engine. With more than one rank, this process is rank 0 and starts the
+        others (workers.py); under torchrun, on any other rank it serves rank 0 as a worker and then exits."""
         config = config or EngineConfig()
+        if config.world_size > 1:
+            if launched_rank(config):  # torchrun started this process as a rank other than 0: serve rank 0
+                serve_as_worker(path, config)
+                raise SystemExit(0)
+            workers = start_workers(path, config)  # they load their parts while this process loads rank 0's
+            try:
+                return cls(load_rank(path, config, 0, workers.device, workers.reduce), Tokenizer.from_pretrained(path),
+                           config, workers)
+            except BaseException:
+                workers.close()
+                raise
         model = load_pretrained(path, dtype=config.dtype, device=config.device, quantization=config.quantization,
                                 group_size=config.quantization_group_size)
         return cls(model, Tokenizer.from_pretrained(path), config)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the model can no longer run (a tensor-parallel worker was lost); requests then fail."""
+        return self.runner.healthy
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (also done when the engine is collected)."""
+        if isinstance(self.runner, ParallelRunner):
+            self.runner.workers.close()
 
     @property
     def token_capacity(self) -> int:

@@ -20,6 +20,19 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
+class StepInputs:
+    """A step's batch as plain lists: what a tensor-parallel rank 0 sends its workers."""
+
+    ids: list[int]  # (N,) the new tokens, packed
+    positions: list[int]  # (N,)
+    slots: list[int]  # (N,) cache rows they are written to
+    tables: list[list[int]]  # (B, P) block tables, padded with 0
+    context_lens: list[int]  # (B,)
+    query_lens: list[int]  # (B,)
+    num_decodes: int
+
+
+@dataclass(slots=True)
 class RunOutput:
     sample_logits: torch.Tensor  # (B, V) float32, one row per sequence that samples, in batch order
     chunk_logits: dict[int, torch.Tensor]  # batch index -> (S, V) float32 for every token of its prefill chunk
@@ -43,12 +56,33 @@ class ModelRunner:
             if compile else None
 
     @property
+    def healthy(self) -> bool:
+        """Whether the runner can still run steps (a parallel one loses this with a worker)."""
+        return True
+
+    @property
     def cache_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.kv_cache)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> RunOutput:
         """Run the scheduled tokens: logits of the sequences that sample, and of whole chunks where asked."""
+        step, last, spans = self.prepare(batch)
+        if self._decode is not None and step.num_decodes == len(step.query_lens):  # no chunk asks for all logits
+            logits = self._compiled(step)  # (N, V)
+            if logits is not None:
+                return RunOutput(logits[torch.tensor(last, dtype=torch.long, device=logits.device)].float(), {})
+        return self.logits(self.hidden_states(step), last, spans)
+
+    def logits(self, h: torch.Tensor, last: list[int], spans: list[tuple[int, int, int]]) -> RunOutput:
+        """Logits of the rows of h (N, D) that sample, and of the spans of logged prefill chunks."""
+        dev = self.kv_cache[0].device
+        sample = self.model.logits(h[torch.tensor(last, dtype=torch.long, device=dev)]).float()  # (B, V)
+        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
+        return RunOutput(sample, chunks)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[int], list[tuple[int, int, int]]]:
+        """The step's inputs; the rows of h that sample; (batch index, first row, end row) of logged chunks."""
         L = self.block_size
         ids, positions, slots, last, spans = [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
@@ -62,35 +96,38 @@ class ModelRunner:
                 spans.append((i, len(ids) - n, len(ids)))
         width = max(len(seq.block_table) for seq in batch.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        step = StepInputs(ids, positions, slots, tables, [seq.num_computed + n for seq, n in zip(batch.seqs,
+                          batch.num_new)], list(batch.num_new), batch.num_decodes)
+        return step, last, spans
+
+    @torch.inference_mode()
+    def hidden_states(self, step: StepInputs) -> torch.Tensor:
+        """The forward over the step's tokens, extending the cache: final hidden states (N, D)."""
+        ids = torch.tensor(step.ids, dtype=torch.long, device=self.kv_cache[0].device)
+        return self.model.hidden_states_paged(ids, self.forward_batch(step), self.kv_cache)  # a rerun rewrites rows
+
+    def forward_batch(self, step: StepInputs) -> ForwardBatch:
         dev = self.kv_cache[0].device
-        fb = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            context_lens=[seq.num_computed + n for seq, n in zip(batch.seqs, batch.num_new)],
-            query_lens=list(batch.num_new),
-            num_decodes=batch.num_decodes,
-            block_size=L,
+        return ForwardBatch(
+            positions=torch.tensor(step.positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(step.tables, dtype=torch.long, device=dev),
+            context_lens=step.context_lens,
+            query_lens=step.query_lens,
+            num_decodes=step.num_decodes,
+            block_size=self.block_size,
         )
-        ids_t, last_t = (torch.tensor(v, dtype=torch.long, device=dev) for v in (ids, last))
-        if self._decode is not None and fb.num_decodes == len(fb.query_lens):  # no chunk asks for all its logits
-            logits = self._compiled(ids_t, fb)  # (N, V)
-            if logits is not None:
-                return RunOutput(logits[last_t].float(), {})
-        h = self.model.hidden_states_paged(ids_t, fb, self.kv_cache)  # (N, D); a rerun rewrites the same cache rows
-        sample = self.model.logits(h[last_t]).float()  # (B, V)
-        chunks = {i: self.model.logits(h[a:b]).float() for i, a, b in spans}  # (S, V) per prefill chunk
-        return RunOutput(sample, chunks)
 
     def _decode_logits(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """What the compiled graph runs: the logits (N, V) of every new token."""
         return self.model.logits(self.model.hidden_states_paged(ids, fb, self.kv_cache, COMPILED), COMPILED)
 
-    def _compiled(self, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor | None:
+    def _compiled(self, step: StepInputs) -> torch.Tensor | None:
         """The compiled decode's logits; None, and eager from then on, where it fails (no C++ compiler, an op
         inductor cannot lower): eager is always right."""
         try:
-            return self._decode(ids, fb)
+            return self._decode(torch.tensor(step.ids, dtype=torch.long, device=self.kv_cache[0].device),
+                                self.forward_batch(step))
         except Exception as e:
             logger.warning("compiled decode failed (%s: %s); decoding eagerly from now on", type(e).__name__,
                            str(e).splitlines()[0] if str(e) else "")

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from . import quant
 from .layers import Rotary
+from .parallel import Layout, Reduce, shard
 from .quant import QuantizedWeight, QuantScheme
 from .transformer import Transformer
 
@@ -156,18 +157,34 @@ class _Shard:
         (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
         self.header, self.base = json.loads(os.pread(self.fd, n, 8)), 8 + n
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_tensor(self, name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its part (dim, start, stop) of a 2-D one: a tensor-parallel rank reads its slice."""
         meta = self.header[name]
         start, end = meta["data_offsets"]
-        buf, done = bytearray(end - start), 0
-        view = memoryview(buf)
-        while done < len(buf):  # one read returns at most ~2 GiB
-            got = os.preadv(self.fd, [view[done:]], self.base + start + done)
+        dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], list(meta["shape"])
+        if part is None:
+            spans = [(start, end - start)]
+        else:
+            dim, a, b = part
+            assert len(shape) == 2 and dim in (0, 1), f"{name}: only 2-D tensors are read in parts"
+            row, item = shape[1] * dtype.itemsize, dtype.itemsize
+            spans = [(start + a * row, (b - a) * row)] if dim == 0 else \
+                [(start + i * row + a * item, (b - a) * item) for i in range(shape[0])]  # a column band, row by row
+            shape[dim] = b - a
+        buf = bytearray(sum(n for _, n in spans))
+        view, at = memoryview(buf), 0
+        for offset, n in spans:
+            self._read(name, view[at:at + n], offset)
+            at += n
+        return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).view(shape)
+
+    def _read(self, name: str, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):  # one read returns at most ~2 GiB
+            got = os.preadv(self.fd, [view[done:]], self.base + offset + done)
             if got == 0:
                 raise ValueError(f"{self.file}: {name} is cut short (file truncated?)")
             done += got
-        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-        return (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).view(meta["shape"])
 
     def close(self) -> None:
         os.close(self.fd)
@@ -269,13 +286,17 @@ def _scheme(model: Transformer, stored: QuantScheme | None, quantization: str | 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     mtp: bool = False, quantization: str | None = None, group_size: int | None = None,
-                    quantize_head: bool = False) -> Transformer:
+                    quantize_head: bool = False, layout: Layout | None = None,
+                    reduce: Reduce | None = None) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 folder; `mtp=True` also loads V3's multi-token-prediction layers.
 
     `quantization` "int8" or "int4" (groups of `group_size` inputs; None: 128 where it divides every input
     dimension, else the largest size that does) quantises every matmul weight as it is read,
     lm_head too if `quantize_head`; `dtype` is then the float type of the rest (embedding, norms) and of the
-    activations. A compressed-tensors checkpoint (openseek convert --quantize) loads as it is stored."""
+    activations. A compressed-tensors checkpoint (openseek convert --quantize) loads as it is stored.
+
+    With a `layout` (parallel.py), the model is rank layout.rank's part, its partial sums joined by `reduce`, and
+    only that part of each split tensor is read from the files."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} is not a directory")
@@ -285,24 +306,47 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     dtype = dtype or _checkpoint_dtype(cfg)
     with torch.device("meta"):
         model = Transformer(cfg, with_mtp=mtp)
-    scheme = _scheme(model, stored, quantization, group_size, quantize_head)
     expected = hf_names(model)
     params = model.state_dict()
     shapes = {name: tuple(params[n].shape[1:] if j is not None else params[n].shape)
               for name, (n, j) in expected.items()}
+    full, parts = expected, {}
+    if layout is not None and layout.size > 1:
+        if stored is not None:
+            raise ValueError(f"tensor_parallel_size={layout.size} is invalid for this checkpoint: it is stored "
+                             f"quantised ({stored.name}), which loads on one device only")
+        shard(model, layout, reduce)
+        expected, parts = _local(layout, expected, shapes, cfg.n_routed_experts)
+    scheme = _scheme(model, stored, quantization, group_size, quantize_head)
     qweights = quant.quantize_modules(model, scheme, dtype) if scheme else {}
-    _check(cfg, files, _stored_shapes(expected, shapes, stored, qweights), mtp)
+    _check(cfg, files, _stored_shapes(full, shapes, stored, qweights), mtp)  # every tensor, whole
     _materialize(model, dtype, torch.device(device))
-    _read_all(model, path, files, expected, qweights, stored, shapes)
+    _read_all(model, path, files, expected, qweights, stored, shapes, parts)
     model.config = dataclasses.replace(cfg, quantization_config=scheme.to_config() if scheme else None,
                                        torch_dtype=str(dtype).removeprefix("torch."))  # a copy: fp8 is dequantised
     return model.eval()
 
 
+def _local(layout: Layout, expected: dict[str, Slot], shapes: dict[str, tuple[int, ...]], n_experts: int
+           ) -> tuple[dict[str, Slot], dict[str, tuple[int, int, int]]]:
+    """The checkpoint tensors rank layout.rank reads, each at its index in this rank's expert stack, and the
+    (dim, start, stop) part it reads of those it splits."""
+    local, parts = {}, {}
+    for name, (native, j) in expected.items():
+        k = layout.local_expert(native, j, n_experts)
+        if k == -1:
+            continue  # another rank's expert
+        local[name] = (native, k)
+        if (part := layout.hub_part(native, j, shapes[name])) is not None:
+            parts[name] = part
+    return local, parts
+
+
 def _read_all(model: Transformer, path: Path, files: dict[str, Path], expected: dict[str, Slot],
               qweights: dict[str, QuantizedWeight], stored: QuantScheme | None,
-              shapes: dict[str, tuple[int, ...]]) -> None:
-    """Copy, dequantise (fp8) or quantise every tensor into the materialised model, one tensor at a time."""
+              shapes: dict[str, tuple[int, ...]], parts: dict[str, tuple[int, int, int]] | None = None) -> None:
+    """Copy, dequantise (fp8) or quantise every tensor into the materialised model, one tensor at a time; of a
+    tensor in `parts`, only that (dim, start, stop) part."""
     qc = model.config.quantization_config or {}
     block = tuple(qc.get("weight_block_size", (128, 128)))
     params = model.state_dict()
@@ -313,11 +357,11 @@ def _read_all(model: Transformer, path: Path, files: dict[str, Path], expected: 
         by_file[files[first]].append(name)
     handles: dict[Path, Any] = {}  # open files, for scales that sit in another shard (DeepSeek-V3#2)
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, part: tuple[int, int, int] | None = None) -> torch.Tensor:
         file = files[name]
         if file not in handles:
             handles[file] = _Shard(file)
-        return handles[file].get_tensor(name)
+        return handles[file].get_tensor(name, part)
 
     def close() -> None:
         while handles:
@@ -331,9 +375,12 @@ def _read_all(model: Transformer, path: Path, files: dict[str, Path], expected: 
                     if is_stored[name]:
                         qweights[native].set_quantized(*quant.read_parts(read, name, stored, shapes[name]), index=j)
                         continue
-                    t = read(name)
-                    if (scale := name + FP8_SCALE_SUFFIX) in files:
-                        t = dequantize_fp8(t, read(scale), block)
+                    part = (parts or {}).get(name)
+                    if (scale := name + FP8_SCALE_SUFFIX) in files:  # scale blocks need not align with a part
+                        t = dequantize_fp8(read(name), read(scale), block)
+                        t = t if part is None else t.narrow(part[0], part[1], part[2] - part[1])
+                    else:
+                        t = read(name, part)
                     if native in qweights:
                         qweights[native].set(t.to(model.device), j)
                     else:

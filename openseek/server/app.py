@@ -81,7 +81,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.draining or not engine.alive:
+        if engine.draining or not engine.alive or not engine.llm_engine.healthy:  # healthy: e.g. a worker lost
             return JSONResponse({"status": "draining" if engine.draining else "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 

@@ -119,10 +119,11 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the loop thread, aborting whatever is still in flight."""
+        """Stop the loop thread, aborting whatever is still in flight, and the engine's worker processes if any."""
         if self._thread is not None:
             self._commands.put(_STOP)
             self._thread.join()
+        self.llm_engine.shutdown()
 
     # ---- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -167,6 +168,9 @@ class AsyncEngine:
                     outs = []
                 self._publish()
                 self._dispatch(outs)
+                if not engine.healthy:  # its model can no longer run (a lost tensor-parallel worker): stop serving
+                    self._die(EngineFailed("the engine can no longer run its model; see the server log"))
+                    return
             else:
                 self._publish()
             if self._on_idle is not None and not engine.has_unfinished_requests():
