@@ -1,0 +1,135 @@
+"""GRPO end to end on a tiny policy: rollouts from the engine over the trained tensors, learning a trivially
+learnable reward, exact resume, rewards that fail, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from openseek.cli import engine_sampler
+from openseek.config import ModelConfig
+from openseek.model import Transformer, load_pretrained, save_pretrained
+from openseek.tokenizer import Tokenizer
+from openseek.train.config import _TINY_MODEL, TrainConfig
+from openseek.train.rollout import encode_prompt
+from openseek.train.run import train
+from openseek.train.step import build_optimizer, init_weights
+from openseek.train.tasks import Problem, Task, register
+
+LETTERS = "def reward(completion, answer):\n    return {'correct': sum(c in 'abcdefghijklmnopqrstuvwxyz' " \
+          "for c in completion) / max(len(completion), 1)}\n"
+FAILING = "import os, time\n\ndef reward(completion, answer):\n    if answer == 'crash':\n        os._exit(1)\n" \
+          "    if answer == 'hang':\n        time.sleep(30)\n    return {'correct': 1.0}\n"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> Path:
+    """A tiny random MoE policy with a byte-level BPE tokenizer and V2-Chat's template."""
+    from tokenizers_util import write_test_tokenizer
+    root = tmp_path_factory.mktemp("policy")
+    vocab = write_test_tokenizer(root)
+    cfg = ModelConfig(**{**_TINY_MODEL, "vocab_size": vocab, "max_position_embeddings": 256,
+                         "bos_token_id": vocab - 2, "eos_token_id": vocab - 1})
+    model = Transformer(cfg)
+    init_weights(model, 0.02, 0)
+    save_pretrained(model, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> None:
+    root = tmp_path_factory.mktemp("programs")
+    (root / "letters.py").write_text(LETTERS)
+    (root / "failing.py").write_text(FAILING)
+    register(Task("test-letters", lambda: [Problem(f"Say {i}.", "", "") for i in range(64)], root / "letters.py",
+                  "reward"))
+    answers = ["ok", "crash", "ok", "hang"]
+    register(Task("test-failing", lambda: [Problem(f"Say {i}.", answers[i % 4], "") for i in range(40)],
+                  root / "failing.py", "reward"))
+
+
+def grpo(policy, **kw) -> TrainConfig:
+    base = dict(grpo=True, task="test-letters", init=str(policy), batch_size=4, group_size=8, steps=15, lr=1e-2,
+                warmup=0, eval_every=5, save_every=5, eval_problems=4, max_new_tokens=8, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def read(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_raises_a_trivially_learnable_reward(policy, tasks, tmp_path):
+    path = train(grpo(policy), tmp_path / "run", progress=False, sampler_factory=engine_sampler)
+    assert path is not None and (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    recs = read(tmp_path / "run")
+    rewards = [r["reward"] for r in recs if r["kind"] == "train"]
+    assert len(rewards) == 15
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+    last = [r for r in recs if r["kind"] == "train"][-1]
+    for key in ("reward_parts", "kl", "entropy", "clip_fraction", "tied_groups", "response_length",
+                "rollout_tokens_per_s", "tokens_per_s", "aux", "moe"):
+        assert key in last, key
+    assert last["kl"] > 0 and 0 < last["response_length"] <= 8 and last["entropy"] > 0
+    # the engine samples from the weights the update computes with: float32 round-off only
+    assert all(r["logprob_mismatch"] < 1e-4 for r in recs if r["kind"] == "train")
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 5, 10, 15]
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_run(policy, tasks, tmp_path):
+    cfg = grpo(policy, steps=5, save_every=2, eval_every=2, grpo_mu=2, loss_norm="token", temperature=0.9)
+    train(cfg, tmp_path / "whole", progress=False, sampler_factory=engine_sampler)
+    assert train(cfg, tmp_path / "split", stop_at=3, progress=False, sampler_factory=engine_sampler) is None
+    assert train(cfg, tmp_path / "split", resume=True, progress=False, sampler_factory=engine_sampler) is not None
+    timing = ("rollout_tokens_per_s", "tokens_per_s")
+    a, b = ([{k: v for k, v in r.items() if k not in timing} for r in read(tmp_path / d)] for d in ("whole", "split"))
+    assert len([r for r in a if r["kind"] == "train"]) == 5
+    assert a == b  # bit for bit: rollouts (the sampler's seeds), rewards, updates, held-out pass@1
+    assert any(r.get("clip_fraction", 0) > 0 for r in a)  # mu = 2: the second update sees ratios != 1
+
+
+def test_engine_rollouts_use_the_current_weights_after_an_optimizer_step(policy, tasks):
+    model = load_pretrained(policy, dtype=torch.float32)
+    tokenizer = Tokenizer.from_pretrained(policy)
+    sampler = engine_sampler(model, tokenizer, 64, 8)
+    prompt = encode_prompt(tokenizer, "Say 1.")
+    opt = build_optimizer(model, grpo(policy, lr=1e-2))
+    model(torch.tensor([prompt])).logsumexp(-1).mean().backward()
+    opt.step()  # every matrix moves by about lr, wkv_b included
+
+    def gap(completion) -> float:
+        """Largest |engine log-prob - a plain full forward's| over the completion's tokens."""
+        ids = prompt + completion.token_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0, len(prompt) - 1:-1].float(), -1)
+        ref = logp.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        return (ref - torch.tensor(completion.logprobs)).abs().max().item()
+
+    stale = sampler.sample([prompt], [7], 2, 1.0, 8)[0]
+    assert all(len(c.token_ids) > 1 for c in stale)  # decode steps, which read the absorbed W_UK / W_UV
+    assert max(map(gap, stale)) > 1e-3  # without renewal the engine samples from the old attention weights
+    sampler.renew_weights()
+    fresh = sampler.sample([prompt], [7], 2, 1.0, 8)[0]
+    assert max(map(gap, fresh)) < 1e-4
+
+
+def test_rewards_that_crash_or_hang_count_zero_and_training_goes_on(policy, tasks, tmp_path):
+    cfg = grpo(policy, task="test-failing", steps=2, group_size=2, reward_timeout=0.5, eval_every=10,
+               eval_problems=1)
+    assert train(cfg, tmp_path / "f", progress=False, sampler_factory=engine_sampler) is not None
+    recs = [r for r in read(tmp_path / "f") if r["kind"] == "train"]
+    assert len(recs) == 2
+    assert all(0 < r["reward_failed"] < 1 and r["reward"] == pytest.approx(1 - r["reward_failed"]) for r in recs)
+
+
+def test_cli_names_an_unknown_task_and_a_group_of_one(policy, tmp_path):
+    base = [sys.executable, "-m", "openseek", "train", "--preset", "arith-grpo", "--init", str(policy), "--out",
+            str(tmp_path / "c"), "--no-progress"]
+    bad = subprocess.run(base + ["--task", "sudoku"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "task='sudoku' is invalid: unknown task; allowed: arithmetic" in bad.stderr
+    one = subprocess.run(base + ["--group-size", "1"], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and "group_size=1 is invalid: must be >= 2" in one.stderr
