@@ -78,6 +78,9 @@ def test_a_short_run_raises_a_trivially_learnable_reward(policy, tasks, tmp_path
     # the engine samples from the weights the update computes with: float32 round-off only
     assert all(r["logprob_mismatch"] < 1e-4 for r in recs if r["kind"] == "train")
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 5, 10, 15]
+    from openseek.train.plot import plot
+    paths = plot(tmp_path / "run")
+    assert paths[-1].name == "grpo.png" and paths[-1].stat().st_size > 10_000
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run(policy, tasks, tmp_path):
@@ -115,6 +118,19 @@ def test_engine_rollouts_use_the_current_weights_after_an_optimizer_step(policy,
     sampler.renew_weights()
     fresh = sampler.sample([prompt], [7], 2, 1.0, 8)[0]
     assert max(map(gap, fresh)) < 1e-4
+
+
+def test_llm_generate_takes_one_sampling_params_per_prompt(policy):
+    from openseek import LLM, SamplingParams
+    llm = LLM(str(policy), max_num_seqs=4)
+    params = [SamplingParams(seed=s, n=2, max_tokens=6, ignore_eos=True) for s in (1, 2)]
+    both = llm.generate(["Say 1.", "Say 2."], params)
+    alone = [llm.generate(p, sp)[0] for p, sp in zip(["Say 1.", "Say 2."], params)]
+    assert [[c.token_ids for c in o.outputs] for o in both] == [[c.token_ids for c in o.outputs] for o in alone]
+    assert both[0].outputs[0].token_ids != both[1].outputs[0].token_ids or \
+        both[0].outputs[1].token_ids != both[1].outputs[1].token_ids  # the seeds differ
+    with pytest.raises(ValueError, match="sampling_params holds 1 entries for 2 prompts"):
+        llm.generate(["a", "b"], params[:1])
 
 
 def test_rewards_that_crash_or_hang_count_zero_and_training_goes_on(policy, tasks, tmp_path):
