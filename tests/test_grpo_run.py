@@ -149,3 +149,31 @@ def test_cli_names_an_unknown_task_and_a_group_of_one(policy, tmp_path):
     assert bad.returncode == 2 and "task='sudoku' is invalid: unknown task; allowed: arithmetic" in bad.stderr
     one = subprocess.run(base + ["--group-size", "1"], capture_output=True, text=True, timeout=120)
     assert one.returncode == 2 and "group_size=1 is invalid: must be >= 2" in one.stderr
+
+
+def _grpo_on_rank(policy: str, programs: str, out: str) -> None:
+    """A job for a spawned rank: the test task registered in this process, then GRPO (3 steps)."""
+    register(Task("test-letters", lambda: [Problem(f"Say {i}.", "", "") for i in range(64)],
+                  Path(programs) / "letters.py", "reward"))
+    cfg = grpo(Path(policy), steps=3, eval_every=3, save_every=3, clip=0.05)
+    train(cfg, out, progress=False, sampler_factory=engine_sampler)
+
+
+def test_two_gloo_ranks_match_one_process(policy, tasks, tmp_path):
+    from test_distributed import run_on_2_ranks
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    (programs / "letters.py").write_text(LETTERS)
+    _grpo_on_rank(str(policy), str(programs), str(tmp_path / "one"))
+    run_on_2_ranks([(_grpo_on_rank, (str(policy), str(programs), str(tmp_path / "two")), {})], init_group=False,
+                   timeout=240)
+    a, b = read(tmp_path / "one"), read(tmp_path / "two")
+    ta, tb = [r for r in a if r["kind"] == "train"], [r for r in b if r["kind"] == "train"]
+    assert [r["step"] for r in ta] == [r["step"] for r in tb] == [1, 2, 3]
+    for ra, rb in zip(ta, tb):  # each rank samples its prompts with the seeds one process gives them
+        for key in ("reward", "response_length", "tied_groups", "loss", "kl", "entropy"):
+            assert rb[key] == pytest.approx(ra[key], abs=1e-5), (ra["step"], key)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4), ra["step"]
+    assert all(r["grad_norm"] > 0.05 for r in ta)  # clipping active: the norm is the global one
+    ea, eb = [r for r in a if r["kind"] == "eval"], [r for r in b if r["kind"] == "eval"]
+    assert [(r["pass@1"], r["problems"]) for r in ea] == [(r["pass@1"], r["problems"]) for r in eb]

@@ -144,7 +144,10 @@ class _Run:
         total = distributed.sum_over_ranks([sums[k] for k in keys] + [
             len(flat), (rewards_PG.std(1) == 0).sum().item(), len(groups), upd.pop("tokens")], self.world)
         mean = {k: v / total[-4] for k, v in zip(keys, total)}
-        return {"loss": upd.pop("loss"), "reward": mean["reward"], "reward_parts": {k: mean[k] for k in names},
+        aux_names = sorted(upd["aux"])
+        rank_means = distributed.sum_over_ranks([upd.pop("loss")] + [upd["aux"][k] for k in aux_names], self.world)
+        upd["aux"] = {k: v / self.world.size for k, v in zip(aux_names, rank_means[1:])}
+        return {"loss": rank_means[0] / self.world.size, "reward": mean["reward"], "reward_parts": {k: mean[k] for k in names},
                 "reward_failed": mean["reward_failed"], "tied_groups": total[-3] / total[-2],
                 "response_length": mean["response_length"], **upd, "lr": lr,
                 "rollout_tokens_per_s": mean["response_length"] * total[-4] / max(t_rollout, 1e-9),
