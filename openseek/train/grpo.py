@@ -81,6 +81,7 @@ class Rows:
     tokens: torch.Tensor
     mask: torch.Tensor
     adv: torch.Tensor
+    prompt_lengths: list[int]
 
     @property
     def row_M(self) -> torch.Tensor:

@@ -137,21 +137,21 @@ class _Run:
         t_train = time.perf_counter() - t1
         flat = [x for g in parts for x in g]
         names = sorted(self.task.weights)
-        gen = sum(len(c.token_ids) for g in groups for c in g)
-        sums = {"reward": rewards_PG.sum().item(), "reward_failed": float(sum(x is None for x in flat)),
-                "response_length": float(gen), **{k: sum((x or {}).get(k, 0.0) for x in flat) for k in names}}
-        keys = list(sums)
-        total = distributed.sum_over_ranks([sums[k] for k in keys] + [
-            len(flat), (rewards_PG.std(1) == 0).sum().item(), len(groups), upd.pop("tokens")], self.world)
-        mean = {k: v / total[-4] for k, v in zip(keys, total)}
-        aux_names = sorted(upd["aux"])
-        rank_means = distributed.sum_over_ranks([upd.pop("loss")] + [upd["aux"][k] for k in aux_names], self.world)
-        upd["aux"] = {k: v / self.world.size for k, v in zip(aux_names, rank_means[1:])}
-        return {"loss": rank_means[0] / self.world.size, "reward": mean["reward"], "reward_parts": {k: mean[k] for k in names},
-                "reward_failed": mean["reward_failed"], "tied_groups": total[-3] / total[-2],
-                "response_length": mean["response_length"], **upd, "lr": lr,
-                "rollout_tokens_per_s": mean["response_length"] * total[-4] / max(t_rollout, 1e-9),
-                "tokens_per_s": total[-1] / max(t_train, 1e-9),
+        local = {"reward": rewards_PG.sum().item(), "reward_failed": float(sum(x is None for x in flat)),
+                 "response_length": float(sum(len(c.token_ids) for g in groups for c in g)),
+                 "completions": float(len(flat)), "tied": (rewards_PG.std(1) == 0).sum().item(),
+                 "groups": float(len(groups)), "tokens": float(upd.pop("tokens")), "loss": upd.pop("loss"),
+                 **{f"part.{k}": sum((x or {}).get(k, 0.0) for x in flat) for k in names},
+                 **{f"aux.{k}": v for k, v in upd.pop("aux").items()}}
+        tot = sum_dict(local, self.world)
+        n, W = tot["completions"], self.world.size
+        return {"loss": tot["loss"] / W, "reward": tot["reward"] / n,
+                "reward_parts": {k: tot[f"part.{k}"] / n for k in names},
+                "reward_failed": tot["reward_failed"] / n, "tied_groups": tot["tied"] / tot["groups"],
+                "response_length": tot["response_length"] / n, **upd, "lr": lr,
+                "aux": {k[4:]: v / W for k, v in tot.items() if k.startswith("aux.")},
+                "rollout_tokens_per_s": tot["response_length"] / max(t_rollout, 1e-9),
+                "tokens_per_s": tot["tokens"] / max(t_train, 1e-9),
                 "moe": [{"layer": int(name.split(".")[1]), "max_over_mean": s["load_max_over_mean"],
                          "cv": s["load_cv"], "dead": s["dead_experts"], "dropped": s["dropped_fraction"]}
                         for name, s in self.recipe.stats().items()]}
@@ -193,7 +193,7 @@ class _Run:
                 if it == cfg.grpo_mu - 1:  # the last pass: how far the policy moved from pi_ref and pi_old
                     stats["kl"] += terms.kl.sum().item()
                     stats["clipped"] += terms.clipped.float().sum().item()
-                tokens += rows.mask.shape[0] * rows.mask.shape[1]
+                tokens += int(rows.mask.sum()) + sum(rows.prompt_lengths)  # not the padding
             if world.size > 1:
                 average_grads(model, self.recipe, world)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip, foreach=False).item())
@@ -220,6 +220,12 @@ class _Run:
             counts.append(sum((g[0] or {}).get("correct", 0.0) for g in parts))
         greedy, sampled, n = distributed.sum_over_ranks([*counts, float(len(mine))], self.world)
         return {"pass@1": greedy / max(n, 1), "pass@1_sampled": sampled / max(n, 1), "problems": int(n)}
+
+
+def sum_dict(values: dict[str, float], world: distributed.World) -> dict[str, float]:
+    """Each value summed over the ranks (the same keys on every rank)."""
+    keys = sorted(values)
+    return dict(zip(keys, distributed.sum_over_ranks([values[k] for k in keys], world)))
 
 
 def average_grads(model: Transformer, recipe: MoERecipe, world: distributed.World) -> None:

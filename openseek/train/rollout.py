@@ -102,5 +102,6 @@ def build_rows(prompts: list[list[int]], groups: list[list[Completion]], adv_PG:
             tokens[b, :len(ids)] = torch.tensor(ids)
             mask[b, n_prompt - 1:len(ids) - 1] = True  # target j + 1 is a completion token
         sampled = torch.tensor([lp for _, _, lps, _ in part for lp in lps], dtype=torch.float32)
-        out.append((Rows(tokens, mask, torch.tensor([a for *_, a in part])), sampled))
+        adv = torch.tensor([a for *_, a in part])
+        out.append((Rows(tokens, mask, adv, [n for _, n, _, _ in part]), sampled))
     return out
