@@ -181,3 +181,13 @@ def test_a_reward_that_hangs_crashes_or_answers_garbage_scores_zero(tmp_path):
     assert elapsed < 10  # the batch's timeout, then each item alone: two timeouts of 1 s and fast failures
     missing = score(tmp_path / "nowhere.py", "reward", [{"completion": "x", "answer": "1"}], Sandbox(timeout=1.0))
     assert missing == [None]
+
+
+def test_largest_task_answers_the_maximum_and_holds_out_distinct_prompts():
+    task = get_task("largest")
+    train, held = task.problems("train"), task.problems("heldout")
+    assert len(train) + len(held) == 20_000 and not {p.prompt for p in train} & {p.prompt for p in held}
+    for p in held[:50]:
+        numbers = [int(x) for x in p.prompt.removeprefix("Which is largest: ").rstrip("?").replace(" or", ",")
+                   .split(", ")]
+        assert len(set(numbers)) == 3 and p.answer == str(max(numbers)) and p.solution == f"The answer is {p.answer}."

@@ -55,6 +55,20 @@ def arithmetic_problems(max_operand: int = 99, seed: int = 0) -> list[Problem]:
     return problems
 
 
+def largest_problems(count: int = 20_000, max_value: int = 99, seed: int = 0) -> list[Problem]:
+    """'Which is largest: a, b or c?' for `count` distinct triples of distinct numbers in [0, max_value], seeded."""
+    rng, seen, problems = random.Random(seed), set(), []
+    while len(problems) < count:
+        triple = tuple(rng.sample(range(max_value + 1), 3))
+        if triple in seen:
+            continue
+        seen.add(triple)
+        a, b, c = triple
+        problems.append(Problem(f"Which is largest: {a}, {b} or {c}?", str(max(triple)),
+                                f"The answer is {max(triple)}."))
+    return problems
+
+
 TASKS: dict[str, Task] = {}
 
 
@@ -72,3 +86,5 @@ def get_task(name: str) -> Task:
 
 # two-digit addition and subtraction: 20,000 problems, 10% held out; correct answer 1, the exact format 0.1
 register(Task("arithmetic", arithmetic_problems, PROGRAMS, "arithmetic", {"correct": 1.0, "format": 0.1}))
+# the largest of three two-digit numbers: the answer is a copy, the choice a comparison; scored as arithmetic's
+register(Task("largest", largest_problems, PROGRAMS, "arithmetic", {"correct": 1.0, "format": 0.1}))
