@@ -85,14 +85,14 @@ def test_kl_estimator_is_the_definition_and_unbiased():
 
 def test_config_refuses_a_group_of_one_an_unknown_task_and_a_missing_init():
     with pytest.raises(ValueError, match="group_size=1 is invalid: must be >= 2") as e:
-        train_preset("arith-grpo", init="somewhere", group_size=1)
+        train_preset("grpo", init="somewhere", group_size=1)
     assert e.value.field == "group_size"
     with pytest.raises(ValueError, match="task='sudoku' is invalid: unknown task; allowed: .*arithmetic"):
-        train_preset("arith-grpo", init="somewhere", task="sudoku")
+        train_preset("grpo", init="somewhere", task="sudoku")
     with pytest.raises(ValueError, match="grpo=True needs init"):
-        train_preset("arith-grpo")
+        train_preset("grpo")
     with pytest.raises(ValueError, match="loss_norm='batch' is invalid: allowed: sequence, token"):
-        train_preset("arith-grpo", init="somewhere", loss_norm="batch")
+        train_preset("grpo", init="somewhere", loss_norm="batch")
     with pytest.raises(ValueError, match="unknown task 'sudoku'"):
         get_task("sudoku")
 

@@ -143,7 +143,7 @@ def test_rewards_that_crash_or_hang_count_zero_and_training_goes_on(policy, task
 
 
 def test_cli_names_an_unknown_task_and_a_group_of_one(policy, tmp_path):
-    base = [sys.executable, "-m", "openseek", "train", "--preset", "arith-grpo", "--init", str(policy), "--out",
+    base = [sys.executable, "-m", "openseek", "train", "--preset", "grpo", "--init", str(policy), "--out",
             str(tmp_path / "c"), "--no-progress"]
     bad = subprocess.run(base + ["--task", "sudoku"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "task='sudoku' is invalid: unknown task; allowed: arithmetic" in bad.stderr
