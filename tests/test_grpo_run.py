@@ -177,3 +177,20 @@ def test_two_gloo_ranks_match_one_process(policy, tasks, tmp_path):
     assert all(r["grad_norm"] > 0.05 for r in ta)  # clipping active: the norm is the global one
     ea, eb = [r for r in a if r["kind"] == "eval"], [r for r in b if r["kind"] == "eval"]
     assert [(r["pass@1"], r["problems"]) for r in ea] == [(r["pass@1"], r["problems"]) for r in eb]
+
+
+def test_sft_on_a_tasks_demonstrations_trains_on_the_answers_and_validates_on_held_out(policy, tmp_path):
+    from openseek.train.run import prepare_data
+    from openseek.train.tasks import get_task
+    cfg = TrainConfig(sft=True, task="largest", init=str(policy), seq_len=64, batch_size=4, steps=2, warmup=0,
+                      eval_every=2, eval_batches=1, save_every=2, device="cpu")
+    prepared = prepare_data(cfg, tmp_path / "p")
+    tokenizer = Tokenizer.from_pretrained(policy)
+    task = get_task("largest")
+    assert prepared.train.num_examples == len(task.problems("train"))  # every demonstration fits a row
+    assert prepared.val.num_examples == len(task.problems("heldout"))
+    assert prepared.train.num_bytes == sum(len(p.solution) for p in task.problems("train"))
+    text = tokenizer.decode(prepared.val.inputs[0].tolist(), skip_special_tokens=False)
+    assert "Which is largest:" in text and "The answer is" in text
+    assert train(cfg, tmp_path / "sft", progress=False) is not None
+    assert [r["step"] for r in read(tmp_path / "sft") if r["kind"] == "val"] == [2]
