@@ -214,7 +214,7 @@ class _Run:
         mine = heldout[self.world.rank::self.world.size]
         counts = []
         for temperature in (0.0, self.cfg.temperature):
-            seeds = [rollout_seed(self.cfg.seed, -1 - i) for i in range(len(mine))]
+            seeds = [rollout_seed(self.cfg.seed, -1 - i) for i in range(len(heldout))][self.world.rank::self.world.size]
             groups = self.rollouts(mine, seeds, 1, temperature)
             parts = self.rewards(mine, groups)
             counts.append(sum((g[0] or {}).get("correct", 0.0) for g in parts))
