@@ -203,7 +203,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # which leaves held-out pass@1 between 5% and 60%, then GRPO from it (--init OUT/model of the SFT run)
     "grpo-sft": dict(sft=True, task="largest", seq_len=256, batch_size=16, steps=50, lr=1e-3, warmup=10,
                      schedule="cosine", eval_every=25, eval_batches=4, save_every=25, device="cpu"),
-    "grpo": dict(grpo=True, task="largest", batch_size=16, group_size=8, steps=300, lr=1e-4, warmup=5,
+    "grpo": dict(grpo=True, task="largest", batch_size=16, group_size=8, steps=250, lr=1e-4, warmup=5,
                  schedule="cosine", max_new_tokens=10, eval_every=20, eval_problems=500, save_every=20,
                  device="cpu"),
 }
