@@ -6,10 +6,10 @@ export PYTHONPATH=$PWD OMP_NUM_THREADS=2
 R=${RUNS:-/tmp/sweep}; mkdir -p $R $OUT
 python -c "import torch, tokenizers, jinja2, safetensors; print(torch.__version__, torch.cuda.is_available())" 2>&1 | tee $OUT/env.txt
 T0=$(date +%s)
-for S in 150 300 600; do
-  (timeout 150 python -m openseek train --preset arith-sft --init openseek/bundled --out $R/sft$S --steps $S --lr 1e-3 \
+for S in 25 50 100; do
+  (timeout 150 python -m openseek train --preset grpo-sft --init openseek/bundled --out $R/sft$S --steps $S --lr 1e-3 \
      --eval-every 1000 --save-every 1000 --device cuda --no-progress > $R/sft$S.log 2>&1
-   timeout 60 python -m openseek train --preset arith-grpo --init $R/sft$S/model --out $R/eval$S --stop-at 0 \
+   timeout 60 python -m openseek train --preset grpo --init $R/sft$S/model --out $R/eval$S --stop-at 0 \
      --device cuda --no-progress > $R/eval$S.log 2>&1
    cp $R/eval$S/metrics.jsonl $OUT/eval$S.jsonl; tail -3 $R/sft$S/metrics.jsonl > $OUT/sft$S.tail; tail -3 $R/sft$S.log $R/eval$S.log > $OUT/log$S.txt) &
 done
@@ -18,8 +18,8 @@ echo "sft+eval: $(( $(date +%s) - T0 )) s" | tee -a $OUT/env.txt
 BEST=$(python - <<'PY'
 import json, os
 R = os.environ.get("RUNS", "/tmp/sweep")
-best, score = 300, 9
-for S in (150, 300, 600):
+best, score = 50, 9
+for S in (25, 50, 100):
     try:
         p = json.loads(open(f"{R}/eval{S}/metrics.jsonl").readline())["pass@1"]
     except Exception:
@@ -31,7 +31,7 @@ PY
 )
 echo "grpo from sft$BEST" | tee -a $OUT/env.txt
 for LR in 3e-5 1e-4 3e-4; do
-  (timeout 300 python -m openseek train --preset arith-grpo --init $R/sft$BEST/model --out $R/grpo$LR --lr $LR --steps 150 \
+  (timeout 300 python -m openseek train --preset grpo --init $R/sft$BEST/model --out $R/grpo$LR --lr $LR --steps 150 \
      --eval-every 25 --device cuda --no-progress > $R/grpo$LR.log 2>&1; cp $R/grpo$LR/metrics.jsonl $OUT/grpo$LR.jsonl; tail -3 $R/grpo$LR.log > $OUT/grpo$LR.log) &
 done
 sleep 295; for LR in 3e-5 1e-4 3e-4; do cp $R/grpo$LR/metrics.jsonl $OUT/grpo$LR.jsonl 2>/dev/null; done
