@@ -196,3 +196,21 @@ def test_sft_on_a_tasks_demonstrations_trains_on_the_answers_and_validates_on_he
     assert "Which is largest:" in text and "The answer is" in text
     assert train(cfg, tmp_path / "sft", progress=False) is not None
     assert [r["step"] for r in read(tmp_path / "sft") if r["kind"] == "val"] == [2]
+
+
+def test_v3_bias_update_runs_during_grpo(tasks, tmp_path):
+    """The MoE recipe stays on in RL: with bias_update_speed the routers' selection bias moves after each step."""
+    from tokenizers_util import write_test_tokenizer
+    vocab = write_test_tokenizer(tmp_path / "v3")
+    cfg = ModelConfig(**{**_TINY_MODEL, "vocab_size": vocab, "max_position_embeddings": 256, "bos_token_id": vocab - 2,
+                         "eos_token_id": vocab - 1, "model_type": "deepseek_v3", "scoring_func": "sigmoid",
+                         "topk_method": "noaux_tc", "n_group": 2, "topk_group": 1})
+    model = Transformer(cfg)
+    init_weights(model, 0.02, 0)
+    save_pretrained(model, tmp_path / "v3")
+    out = train(grpo(tmp_path / "v3", steps=2, bias_update_speed=0.01, seq_aux_alpha=0.001), tmp_path / "run",
+                progress=False, sampler_factory=engine_sampler)
+    bias = load_pretrained(out).layers[1].ffn.gate.bias
+    assert bias.abs().max().item() == pytest.approx(0.02, abs=1e-6)  # two steps of +-0.01 on some expert
+    rec = [r for r in read(tmp_path / "run") if r["kind"] == "train"][-1]
+    assert set(rec["aux"]) == {"expert_balance", "seq_balance"}
