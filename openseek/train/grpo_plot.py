@@ -19,15 +19,15 @@ def plot_grpo(out: Path) -> Path:
     for part in sorted({k for r in train for k in r.get("reward_parts", {})}):
         ax.plot(steps, [r["reward_parts"].get(part, float("nan")) for r in train], lw=1, label=part)
     ax.set(xlabel="step", title="rollout reward")
-    ax.legend()
+    ax.legend(fontsize="small")
     for key, label in (("pass@1", "greedy"), ("pass@1_sampled", "one sample at the rollout temperature")):
         bx.plot([r["step"] for r in evals], [100 * r[key] for r in evals], "o-", label=label)
     bx.set(xlabel="step", ylabel="%", title=f"held-out pass@1 ({evals[0]['problems'] if evals else 0} problems)")
-    bx.legend()
+    bx.legend(fontsize="small")
     cx.plot(steps, [r["kl"] for r in train], lw=1, label="KL to the reference")
     cx.plot(steps, [r["entropy"] for r in train], lw=1, label="entropy (nats / token)")
     cx.set(xlabel="step", title="policy")
-    cx.legend()
+    cx.legend(fontsize="small")
     fig.tight_layout()
     path = out / "grpo.png"
     fig.savefig(path, dpi=110)
