@@ -339,7 +339,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     from .train.config import TRAIN_PRESETS, TrainConfig
 
     # allow_abbrev=False: with flags derived from fields, a prefix (--init of --init-std) must not silently match
-    p = sub.add_parser("train", help="pre-train or fine-tune (--sft) an MLA + DeepSeekMoE model, DeepSeek-V2 recipe",
+    p = sub.add_parser("train", help="pre-train, fine-tune (--sft) or RL-train (--grpo) an MLA + DeepSeekMoE model, "
+                                     "DeepSeek-V2 recipe",
                        description="Every TrainConfig field is a flag; unset flags keep the preset's value.",
                        allow_abbrev=False)
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(TRAIN_PRESETS)} (default: tiny)")
@@ -373,11 +374,42 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = TrainConfig(**{**base, **overrides})
         else:
             cfg = train_preset(args.preset, **overrides)
-        path = train(cfg, args.out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
+        path = train(cfg, args.out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
+                     sampler_factory=engine_sampler)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from e
     print(f"exported {path}" if path else f"stopped; continue with --resume --out {args.out}")
     return 0
+
+
+class EngineSampler:
+    """GRPO's rollout sampler (train/rollout.py's protocol): openseek.LLM over the trainer's own Transformer, so the
+    rollouts read the very tensors the optimizer updates; cli.py builds it, as train code does not import the
+    engine."""
+
+    def __init__(self, model, tokenizer, max_model_len: int, max_num_seqs: int):
+        from .engine import LLM
+
+        self.llm = LLM(model, tokenizer=tokenizer, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       max_waiting=max(256, max_num_seqs))
+
+    def sample(self, prompts: list[list[int]], seeds: list[int], n: int, temperature: float, max_tokens: int):
+        from .engine import SamplingParams
+        from .train.rollout import Completion
+
+        params = [SamplingParams(n=n, temperature=temperature, seed=seed, max_tokens=max_tokens, logprobs=0)
+                  for seed in seeds]
+        self.llm.reset_prefix_cache()  # each call computes from the same state: resumed runs draw the same tokens
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return [[Completion(c.token_ids, [lp[t] for lp, t in zip(c.logprobs or [], c.token_ids)], c.text)
+                 for c in out.outputs] for out in outs]
+
+    def renew_weights(self) -> None:
+        self.llm.llm_engine.update_weights()  # MLA's absorbed W_UK / W_UV, and the prefix cache
+
+
+def engine_sampler(model, tokenizer, max_model_len: int, max_num_seqs: int) -> EngineSampler:
+    return EngineSampler(model, tokenizer, max_model_len, max_num_seqs)
 
 
 def add_plot(sub: argparse._SubParsersAction) -> None:

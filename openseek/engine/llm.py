@@ -39,23 +39,32 @@ class LLM:
         """Forget cached prefixes, so the next requests compute their prompts in full (benchmarks)."""
         self.llm_engine.reset_prefix_cache()
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None
-                 ) -> list[RequestOutput]:
-        """Generate for each prompt; outputs in prompt order, each with params.n completions.
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt; outputs in prompt order, each with params.n completions. sampling_params: one
+        for all prompts, or a list with one per prompt (as vLLM).
 
         Prompts are queued as the engine's waiting queue allows; if one is rejected, the others are aborted. A
         request the engine failed (vLLM-like) comes back with finish_reason "error" and the reason in `error`; the
         others are unaffected.
         """
-        params, engine = sampling_params or SamplingParams(), self.llm_engine
+        engine = self.llm_engine
         single = isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                       and isinstance(prompts[0], int))
-        todo = deque((f"gen-{self._next_id + k}", p) for k, p in enumerate([prompts] if single else prompts))
+        prompts = [prompts] if single else prompts
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params holds {len(sampling_params)} entries for {len(prompts)} prompts: "
+                                 "give one, or one per prompt")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        todo = deque((f"gen-{self._next_id + k}", p, sp) for k, (p, sp) in enumerate(zip(prompts, params)))
         self._next_id += len(todo)
-        ids, done = [rid for rid, _ in todo], {}
+        ids, done = [rid for rid, _, _ in todo], {}
         try:
             while todo or engine.has_unfinished_requests():
-                while todo and _try_add(engine, *todo[0], params):
+                while todo and _try_add(engine, *todo[0]):
                     todo.popleft()
                 done.update((out.request_id, out.output) for out in engine.step() if out.output is not None)
         except BaseException:

@@ -13,10 +13,12 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..validation import check, is_int, is_number
+from .tasks import TASKS
 
 SCHEDULES = ("step", "cosine")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+LOSS_NORMS = ("sequence", "token")  # grpo.py's
 
 
 @dataclass
@@ -27,6 +29,8 @@ class TrainConfig:
     init_std: float = 0.006  # V2 paper §3.1.2
     init: str | None = None  # a model folder (weights, config, tokenizer) to start from instead of random weights
     sft: bool = False  # supervised fine-tuning of init on instruction pairs from the corpus (train/sft.py)
+    grpo: bool = False  # reinforcement learning of init with GRPO on task's rewards (train/grpo.py)
+    task: str | None = None  # a registered task (train/tasks.py): with sft, its demonstrations are the data
     # data
     data: list[str] = field(default_factory=list)  # files or folders; empty: the Python standard library
     val_fraction: float = 0.02
@@ -57,6 +61,17 @@ class TrainConfig:
     bias_update_speed: float = 0.0
     # parallelism over the ranks of `torchrun` (data parallel always; this splits the routed experts too)
     expert_parallel: bool = False
+    # GRPO (DeepSeekMath §4.1): batch_size prompts a step, group_size completions each, grpo_mu updates per batch
+    group_size: int = 8
+    grpo_mu: int = 1
+    clip_eps: float = 0.2
+    kl_beta: float = 0.04  # DeepSeekMath's beta
+    temperature: float = 1.0  # of the rollouts, and of the policy the objective trains
+    max_new_tokens: int = 16
+    loss_norm: str = "sequence"  # sequence: per sequence then per group (DeepSeekMath); token: over all tokens
+    eval_problems: int = 200  # held-out problems whose pass@1 is logged every eval_every steps
+    reward_timeout: float = 5.0  # seconds a reward subprocess may run
+    reward_memory_mb: int = 512  # its address space
     # bookkeeping
     eval_every: int = 100
     eval_batches: int = 8
@@ -88,6 +103,25 @@ class TrainConfig:
             ("val_fraction", 0 < self.val_fraction < 1, "must lie in (0, 1)"),
             ("device_limit", 1 <= self.device_limit <= self.n_devices, "must lie in [1, n_devices]"),
             ("init", not (self.sft and self.init is None), "sft=True needs init: the model folder to fine-tune"),
+            ("init", not (self.grpo and self.init is None), "grpo=True needs init: the model folder to train"),
+            ("grpo", not (self.grpo and self.sft), "grpo and sft are separate stages: run sft, then grpo on its model"),
+            ("task", self.task is None or (isinstance(self.task, str) and self.task in TASKS),
+             f"unknown task; allowed: {', '.join(sorted(TASKS))}"),
+            ("task", not (self.grpo and self.task is None), f"grpo=True needs a task: {', '.join(sorted(TASKS))}"),
+            ("task", not (self.task is not None and not (self.sft or self.grpo)),
+             "a task is the data of sft or the rewards of grpo; set one of them"),
+            ("group_size", self.group_size >= 2, "must be >= 2: GRPO's advantage (r - mean) / std compares the "
+             "completions of one prompt, and a group of 1 has none to compare"),
+            ("grpo_mu", self.grpo_mu >= 1, "must be >= 1"), ("clip_eps", 0 < self.clip_eps < 1, "must lie in (0, 1)"),
+            ("kl_beta", self.kl_beta >= 0, "must be >= 0"),
+            ("temperature", self.temperature > 0, "must be > 0 (the policy is softmax(logits / temperature))"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("loss_norm", self.loss_norm in LOSS_NORMS, f"allowed: {', '.join(LOSS_NORMS)}"),
+            ("eval_problems", self.eval_problems >= 1, "must be >= 1"),
+            ("reward_timeout", self.reward_timeout > 0, "must be > 0"),
+            ("reward_memory_mb", self.reward_memory_mb >= 64, "must be >= 64 (Python itself needs some)"),
+            ("expert_parallel", not (self.grpo and self.expert_parallel),
+             "GRPO's rollouts run the engine over the policy's tensors, which needs whole experts on every rank"),
             ("model", not (self.init is not None and self.model),
              "init brings its own architecture; leave model empty"),
         ]
@@ -165,6 +199,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # its chat fine-tune: --init OUT/model from the demo run; about one epoch of the standard library's functions
     "demo-sft": dict(sft=True, seq_len=512, batch_size=16, steps=200, lr=5e-4, warmup=20, schedule="cosine",
                      alpha1=0.003, eval_every=50, save_every=50),
+    # GRPO (README, docs/grpo.md): a short SFT of the bundled model (--init openseek/bundled) on the task's format,
+    # which leaves held-out pass@1 between 5% and 60%, then GRPO from it (--init OUT/model of the SFT run)
+    "grpo-sft": dict(sft=True, task="largest", seq_len=256, batch_size=16, steps=50, lr=1e-3, warmup=10,
+                     schedule="cosine", eval_every=25, eval_batches=4, save_every=25, device="cpu"),
+    "grpo": dict(grpo=True, task="largest", batch_size=16, group_size=8, steps=250, lr=1e-4, warmup=5,
+                 schedule="cosine", max_new_tokens=10, eval_every=20, eval_problems=500, save_every=20,
+                 device="cpu"),
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .grpo_plot import plot_grpo
+
 
 def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) from OUT/metrics.jsonl."""
@@ -16,7 +18,7 @@ def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot(out: str | Path) -> list[Path]:
-    """Write OUT/loss.png and OUT/expert_load.png; return their paths."""
+    """Write OUT/loss.png and OUT/expert_load.png (and OUT/grpo.png for a GRPO run); return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,4 +58,6 @@ def plot(out: str | Path) -> list[Path]:
         paths.append(out / "expert_load.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    if any("reward" in r for r in train):
+        paths.append(plot_grpo(out))
     return paths

@@ -16,6 +16,9 @@ from ..summary import count_parameters
 from ..tokenizer import Tokenizer
 from . import bpe, checkpoint, data, distributed, sft
 from .config import TrainConfig
+from .grpo_run import train_grpo
+from .rollout import SamplerFactory
+from .tasks import get_task
 from .metrics import MetricsLog, measure_peak_flops, train_record
 from .step import build_optimizer, build_recipe, evaluate, init_weights, lr_at, train_step
 
@@ -30,7 +33,9 @@ class Prepared:
 
 def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
     """Tokenizer (init's, or trained) and the data: packed shards under OUT/data, reused when the inputs are
-    unchanged, or with sft the instruction pairs of the corpus, packed in memory."""
+    unchanged, or with sft the instruction pairs of the corpus (or the task's demonstrations), packed in memory."""
+    if cfg.sft and cfg.task is not None:
+        return _task_demonstrations(cfg)
     files = data.corpus_files(cfg.data or None)
     train_files, val_files = data.split_files(files, cfg.val_fraction, cfg.seed)
     tok_dir = Path(cfg.init) if cfg.init is not None else out / "data" / "tokenizer"
@@ -55,6 +60,17 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Prepared:
     return Prepared(tok_dir, train_set, val_set, (tokenizer.bos_token_id, tokenizer.eos_token_id))
 
 
+def _task_demonstrations(cfg: TrainConfig) -> Prepared:
+    """SFT data of a GRPO task: a correct completion of each training problem; the held-out ones validate."""
+    tokenizer = Tokenizer.from_pretrained(cfg.init)
+    if tokenizer is None:
+        raise ValueError(f"init={cfg.init} holds no tokenizer.json")
+    task = get_task(cfg.task)
+    train_set, val_set = (sft.build_chat_dataset([sft.Example(p.prompt, p.solution) for p in task.problems(split)],
+                                                 tokenizer, cfg.seq_len, cfg.seed) for split in ("train", "heldout"))
+    return Prepared(Path(cfg.init), train_set, val_set, (tokenizer.bos_token_id, tokenizer.eos_token_id))
+
+
 def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset | sft.ChatDataset, dtype: torch.dtype,
                world: distributed.World = distributed.World()) -> dict:
     """Mean loss and bits per byte over the first eval_batches batches of the validation split (rows over ranks)."""
@@ -73,14 +89,18 @@ def validation(model: Transformer, cfg: TrainConfig, ds: data.PackedDataset | sf
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, stop_at: int | None = None,
-          progress: bool = True) -> Path | None:
+          progress: bool = True, sampler_factory: SamplerFactory | None = None) -> Path | None:
     """Run (or continue) training; returns the exported model folder when the last step is reached.
 
-    Under torchrun every rank runs this (distributed.py); rank 0 alone writes metrics, checkpoints and the export."""
+    Under torchrun every rank runs this (distributed.py); rank 0 alone writes metrics, checkpoints and the export.
+    GRPO (cfg.grpo) samples its rollouts from sampler_factory's engine (cli.engine_sampler)."""
     device = train_device(cfg.device)  # before any work: a bad device fails at once
     world = distributed.setup(device.type)
     try:
         cfg.check_world(world.size)
+        if cfg.grpo:
+            return train_grpo(cfg, Path(out), device, resume, stop_at, progress and world.is_main, world,
+                              sampler_factory)
         return _train(cfg, Path(out), device, resume, stop_at, progress and world.is_main, world)
     finally:
         distributed.teardown(world)
