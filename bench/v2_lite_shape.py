@@ -40,7 +40,9 @@ load_s = time.perf_counter() - t
 prompt = {"prompt_token_ids": list(range(1000, 1064))}
 def gen(k):
     t = time.perf_counter()
-    llm.generate(prompt, openseek.SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))
+    out = llm.generate(prompt, openseek.SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))[0]
+    if out.error or len(out.outputs[0].token_ids) != k:
+        raise SystemExit(f"generate failed: {out.error or len(out.outputs[0].token_ids)} tokens, not {k}")
     return time.perf_counter() - t
 gen(2)  # warm-up
 one, many = min(gen(1) for _ in range(2)), min(gen(new) for _ in range(2))

@@ -54,7 +54,8 @@ def linear_quantized(x: Tensor, weight: QuantizedWeight, index: int | None = Non
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows >= PACKED_MAX_ROWS or autocast_dtype(x) is not None:
         return F.linear(x, weight.dequantize(index, x.dtype))
-    y = weight.matmul_packed(x.reshape(rows, -1).to(torch.bfloat16), index)  # (rows, O)
+    # contiguous: the kernels refuse a strided A, which a bf16 model's split latents are (no cast to copy them)
+    y = weight.matmul_packed(x.reshape(rows, -1).to(torch.bfloat16).contiguous(), index)  # (rows, O)
     return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
