@@ -143,3 +143,14 @@ def test_each_layer_caches_in_a_tensor_of_its_own(bundled):
     assert len(cache) == bundled.config.num_hidden_layers
     assert len({c.untyped_storage().data_ptr() for c in cache}) == len(cache)
     assert all(c.is_contiguous() and c._base is None for c in cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3])
+def test_compiled_head_bmm_matches_bmm(dtype, M):
+    g = torch.Generator().manual_seed(M)
+    x, w = torch.randn(4, M, 16, generator=g).to(dtype), torch.randn(4, 16, 24, generator=g).to(dtype)
+    want = torch.bmm(x.float(), w.float())
+    got = ops.head_bmm_compiled(x, w)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=1e-2 * want.abs().max().item(), rtol=0)

@@ -84,14 +84,14 @@ class MLA(nn.Module):
         return o.transpose(1, 2)  # (B, S, H, U)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latents: torch.Tensor,
-                        mask: torch.Tensor | None) -> torch.Tensor:
+                        mask: torch.Tensor | None, kernels: Kernels = TRAINING) -> torch.Tensor:
         """Attention over latents (B, T, C + R) for queries (B, S, H, .); mask (B, S, T) bool. -> (B, S, H, U)"""
         if self.w_uk is None:
             raise RuntimeError("MLA's absorbed W_UK / W_UV^T were never built: call Transformer.absorb_weights() "
                                "after loading or changing the weights (the engine's ModelRunner does)")
         H, C = self.n_heads, self.kv_lora_rank
         B, S = q_nope.shape[:2]
-        q_lat = torch.bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), self.w_uk)  # (H, B*S, C)
+        q_lat = kernels.head_bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), self.w_uk)  # (H, B*S, C)
         q = torch.cat((q_lat.transpose(0, 1).view(B, S, H, C), q_pe), dim=-1)  # (B, S, H, C + R)
         scores = torch.bmm(q.reshape(B, S * H, -1), latents.transpose(1, 2)) * self.softmax_scale  # (B, S*H, T)
         scores = scores.view(B, S, H, -1)  # (B, S, H, T)
@@ -100,7 +100,7 @@ class MLA(nn.Module):
         p = scores.softmax(-1, dtype=torch.float32)  # (B, S, H, T)
         p = p if p.dtype == q.dtype else p.to(q.dtype)
         o_lat = torch.bmm(p.view(B, S * H, -1), latents[..., :C]).view(B * S, H, C)  # (B*S, H, C)
-        o = torch.bmm(o_lat.transpose(0, 1), self.w_uv_t)  # (H, B*S, U)
+        o = kernels.head_bmm(o_lat.transpose(0, 1), self.w_uv_t)  # (H, B*S, U)
         return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, U)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,
@@ -122,7 +122,8 @@ class MLA(nn.Module):
         if nd:  # all decodes in one absorbed call, padded to the longest context
             slots = batch.decode_slots
             latents = cache.index_select(0, slots.flatten()).view(*slots.shape, -1)  # (B, T, C + R)
-            outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], latents, batch.decode_mask)[:, 0])
+            outs.append(self.attend_absorbed(q_nope[:nd, None], q_pe[:nd, None], latents, batch.decode_mask,
+                                             kernels)[:, 0])
         start = nd
         for i in range(nd, len(batch.query_lens)):  # prefill chunks, one sequence at a time
             S, T = batch.query_lens[i], batch.context_lens[i]
@@ -130,7 +131,8 @@ class MLA(nn.Module):
             qn, qp = q_nope[start:start + S, None], q_pe[start:start + S, None]  # (S, 1, H, .)
             mask = torch.arange(T, device=cache.device)[None] <= torch.arange(T - S, T, device=cache.device)[:, None]
             if S * PREFILL_ABSORB_RATIO <= T:  # a short chunk over a long context: absorbed is cheaper
-                o = self.attend_absorbed(qn.transpose(0, 1), qp.transpose(0, 1), latents[None], mask[None])[0]
+                o = self.attend_absorbed(qn.transpose(0, 1), qp.transpose(0, 1), latents[None], mask[None],
+                                         kernels)[0]
             else:
                 c_kv, k_pe = latents[None].split([self.kv_lora_rank, self.rope_dim], dim=-1)
                 o = self.attend_expanded(qn.transpose(0, 1), qp.transpose(0, 1), c_kv, k_pe,

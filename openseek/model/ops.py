@@ -89,6 +89,14 @@ def linear_compiled(x: Tensor, weight: Tensor | QuantizedWeight) -> Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
+def head_bmm_compiled(x_HMK: Tensor, w_HKN: Tensor) -> Tensor:
+    """COMPILED's per-head matmul (MLA's absorbed W_UK and W_UV^T): one row per head as a multiply-and-sum, read
+    in place as linear_compiled reads its weight; more rows as torch.bmm."""
+    if x_HMK.shape[1] != 1:
+        return torch.bmm(x_HMK, w_HKN)
+    return (x_HMK.transpose(1, 2).float() * w_HKN.float()).sum(1, keepdim=True).to(x_HMK.dtype)  # (H, 1, N)
+
+
 # ---- RMSNorm: weight * x / rms(x) ----------------------------------------------------------------------------
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -331,6 +339,7 @@ class Kernels:
     # (w1, w2, w3, x_ND, weights_NK, ids_NK); the experts stacked: w1, w3 (E, F, D), w2 (E, D, F)
     routed_experts: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     dense: Callable[[Tensor], Tensor] = dense  # a stored weight as a float tensor (MLA derives W_UK / W_UV from it)
+    head_bmm: Callable[[Tensor, Tensor], Tensor] = torch.bmm  # (H, M, K) @ (H, K, N): MLA's absorbed W_UK, W_UV^T
     rope: Callable[[Tensor, Tensor], Tensor] | None = None  # (x, freqs_cis); None: layers.apply_rope
 
 
@@ -338,4 +347,5 @@ REFERENCE = Kernels(linear_dense, rms_norm, attention_reference, experts_referen
 TRAINING = Kernels(linear_dense, rms_norm_training, attention_sdpa, experts_padded)
 INFERENCE = Kernels(linear_inference, rms_norm_inference, attention_sdpa, experts_inference)
 # the decode step under torch.compile (the engine's `compile`): the same math, traceable without graph breaks
-COMPILED = Kernels(linear_compiled, rms_norm_inference, attention_sdpa, experts_compiled, rope=rope_pairs)
+COMPILED = Kernels(linear_compiled, rms_norm_inference, attention_sdpa, experts_compiled, rope=rope_pairs,
+                   head_bmm=head_bmm_compiled)
