@@ -1,6 +1,6 @@
 """Rollouts for GRPO: the prompts of each step, the sampler that completes them, and the rows the update trains on.
 
-The sampler is the inference engine over the policy's own parameter tensors (openseek.LLM; cli.py builds it,
+The sampler is the inference engine over the policy's own parameter tensors (openseek.LLM; cli/train.py builds it,
 since train code does not import the engine): train code sees only the `Sampler` protocol below.
 
 Shapes: B completions (rows), S tokens per row (prompt + completion, right-padded with 0), P prompts, G completions
