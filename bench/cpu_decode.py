@@ -174,6 +174,9 @@ def llama_cpp_rows(name: str, formats: list[str], args: argparse.Namespace) -> l
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    # each compiled engine is a cache entry of the one decode function: past dynamo's default of 8 per function,
+    # the rest would silently decode eagerly
+    torch._dynamo.config.recompile_limit = 64
     formats = [f for f in args.formats.split(",") if f]
     if unknown := set(formats) - set(FORMATS):
         raise SystemExit(f"unknown formats {sorted(unknown)}: allowed {', '.join(FORMATS)}")
