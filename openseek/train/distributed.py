@@ -172,6 +172,17 @@ def sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if isinstance(p, DTensor)]
 
 
+def sum_loads(loads: dict[str, torch.Tensor]) -> None:
+    """V3's bias update on the global expert loads: each rank's loads summed over the ranks, in one all_reduce,
+    stored back into the dict (new tensors; the recipe's stats keep the local ones)."""
+    names = sorted(loads)
+    if names:
+        flat = torch.cat([loads[n].flatten() for n in names])
+        dist.all_reduce(flat)
+        for n, f in zip(names, flat.split([loads[n].numel() for n in names])):
+            loads[n] = f.view_as(loads[n])
+
+
 def average_expert_grads(model: nn.Module, world: World) -> None:
     """The sharded experts' gradients over the ranks' mean loss, as DDP gives the replicated ones.
 
@@ -222,13 +233,7 @@ class DataParallel:
 
     def finish_grads(self) -> None:
         average_expert_grads(self.model, self.world)
-        loads = self.recipe.loads()  # V3 bias update: the global loads (new tensors; the stats keep local ones)
-        names = sorted(loads)
-        if names:
-            flat = torch.cat([loads[n].flatten() for n in names])
-            dist.all_reduce(flat)
-            for n, f in zip(names, flat.split([loads[n].numel() for n in names])):
-                loads[n] = f.view_as(loads[n])
+        sum_loads(self.recipe.loads())
 
     def clip_grad_norm(self, max_norm: float) -> float:
         return clip_grad_norm(self.model, max_norm)

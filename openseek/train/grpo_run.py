@@ -239,10 +239,4 @@ def average_grads(model: Transformer, recipe: MoERecipe, world: distributed.Worl
     flat[:-len(params)] /= world.size
     for p, g, seen in zip(params, flat[:-len(params)].split([p.numel() for p in params]), flat[-len(params):]):
         p.grad = g.view_as(p).clone() if seen > 0 else None  # None on every rank: AdamW skips it, as on one rank
-    loads = recipe.loads()
-    names = sorted(loads)
-    if names:
-        buf = torch.cat([loads[n].flatten() for n in names])
-        dist.all_reduce(buf)
-        for n, f in zip(names, buf.split([loads[n].numel() for n in names])):
-            loads[n] = f.view_as(loads[n])
+    distributed.sum_loads(recipe.loads())
