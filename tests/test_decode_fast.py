@@ -111,8 +111,9 @@ from test_decode_fast import greedy, prompts
 logging.basicConfig(level=logging.WARNING)
 model = openseek.load_pretrained(BUNDLED_MODEL, dtype=torch.float32)
 batch = prompts(3, seed=2)
+int4 = openseek.load_pretrained(BUNDLED_MODEL, dtype=torch.float32, quantization="int4")
 print(json.dumps([greedy(model, batch, 12, compile=True), greedy(model, batch[:1], 12, compile=True),
-                  greedy(model, batch, 12)]))
+                  greedy(model, batch, 12), greedy(int4, batch, 12, compile=True), greedy(int4, batch, 12)]))
 """
 
 
@@ -126,8 +127,9 @@ def test_compiled_decode_gives_the_eager_tokens():
     out = subprocess.run([sys.executable, "-c", COMPILED_RUN, str(tests)], capture_output=True, text=True,
                          timeout=900, check=True, env=env)
     assert "compiled decode failed" not in out.stderr  # the graph itself ran, not the fallback
-    compiled, compiled_one, eager = json.loads(out.stdout.splitlines()[-1])
+    compiled, compiled_one, eager, compiled_int4, eager_int4 = json.loads(out.stdout.splitlines()[-1])
     assert compiled == eager
+    assert compiled_int4 == eager_int4  # the quantised experts' custom op inside the graph
     assert compiled_one == eager[:1]  # batch 1: its own graph
 
 

@@ -321,3 +321,7 @@ def test_compiled_experts_match_the_reference(scheme, group, dtype, N):
     got = ops.experts_compiled(w1, w2, w3, x, weights, ids)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
+    # one graph: the quantised experts' loop (a .tolist()) broke the compiled decode's at every MoE layer
+    torch._dynamo.reset()  # each case a fresh trace, not a recompile counted against dynamo's limit
+    explained = torch._dynamo.explain(ops.experts_compiled)(w1, w2, w3, x, weights, ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

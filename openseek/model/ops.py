@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .quant import QuantizedWeight
+from .quant import QuantizedParts, QuantizedWeight
 
 Tensor = torch.Tensor
 
@@ -260,9 +260,8 @@ def experts_gathered(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_N
                      ) -> Tensor:
     """COMPILED's experts, with no data-dependent shape or Python (what a compiled graph needs): each (token,
     expert) pair's weights gathered and run as a batch of GEMVs. The gather copies N * K experts' weights, small
-    beside per-op dispatch on a small model's experts (the case compile is for), not on a large one's."""
-    if isinstance(w1, QuantizedWeight):
-        return experts_quantized(w1, w2, w3, x_ND, weights_NK, ids_NK)
+    beside per-op dispatch on a small model's experts (the case compile is for), not on a large one's. Float
+    weights (quantised ones go to experts_quantized_op)."""
     N, K = ids_NK.shape
     ids_M = ids_NK.flatten()  # (M = N*K,)
     xs_M1D = x_ND[:, None].expand(N, K, -1).reshape(N * K, 1, -1)  # (M, 1, D)
@@ -274,10 +273,12 @@ def experts_gathered(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_N
 def experts_compiled(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor
                      ) -> Tensor:
     """COMPILED's experts: for one token, its K experts as multiply-and-sums over the stacks indexed by expert,
-    which inductor reads in place (no gathered copy), int8 dequantisation fused; more tokens, or int4 weights, as
-    experts_gathered."""
+    which inductor reads in place (no gathered copy), int8 dequantisation fused; more tokens as experts_gathered,
+    or, quantised (and int4 at any batch), as experts_quantized_op."""
     quantized = isinstance(w1, QuantizedWeight)
-    if ids_NK.shape[0] != 1 or (quantized and w1.scheme != "int8"):
+    if quantized and (ids_NK.shape[0] != 1 or w1.scheme != "int8"):
+        return experts_quantized_op(w1, w2, w3, x_ND, weights_NK, ids_NK)
+    if ids_NK.shape[0] != 1:
         return experts_gathered(w1, w2, w3, x_ND, weights_NK, ids_NK)
     ids_K = ids_NK[0]
 
@@ -313,6 +314,31 @@ def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWei
     groups = zip(x_ND[token_of].split(counts_E.tolist()), gate_M.split(counts_E.tolist()))
     ys_MD = torch.cat([expert(xe, e, ge) for e, (xe, ge) in enumerate(groups) if len(xe)])
     return torch.zeros_like(x_ND).index_add_(0, token_of, ys_MD.to(x_ND.dtype))
+
+
+@torch.library.custom_op("openseek::experts_quantized", mutates_args=())
+def _experts_quantized_parts(x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor, qweights: list[Tensor],
+                             scales: list[Tensor], scheme: str, group_size: int, shapes: list[int]) -> Tensor:
+    """experts_quantized on w1, w2, w3 given as their tensors (a custom op takes no modules); shapes: the three
+    stacks' (E, O, I), flattened; group_size 0 for int8."""
+    w1, w2, w3 = (QuantizedParts(scheme, tuple(shapes[3 * j: 3 * j + 3]), group_size or None, x_ND.dtype, q, s)
+                  for j, (q, s) in enumerate(zip(qweights, scales)))
+    return experts_quantized(w1, w2, w3, x_ND, weights_NK, ids_NK)
+
+
+@_experts_quantized_parts.register_fake
+def _(x_ND: Tensor, *args) -> Tensor:
+    return torch.empty_like(x_ND)
+
+
+def experts_quantized_op(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, x_ND: Tensor,
+                         weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+    """experts_quantized as one custom op, which torch.compile calls as it is: traced, its loop over the experts
+    that received tokens (a .tolist()) would break the graph at every MoE layer."""
+    ws = (w1, w2, w3)
+    return torch.ops.openseek.experts_quantized(x_ND, weights_NK, ids_NK, [w.qweight for w in ws],
+                                                [w.scale for w in ws], w1.scheme, w1.group_size or 0,
+                                                [d for w in ws for d in w.shape])
 
 
 # ---- RoPE: rotate adjacent pairs (x[2k], x[2k+1]) by e^(i theta) ------------------------------------------------

@@ -143,10 +143,65 @@ def from_cpu_int4(packed: torch.Tensor, rows: int) -> torch.Tensor:
 
 # ---- the weight object -------------------------------------------------------------------------------------------
 
-class QuantizedWeight(nn.Module):
+class QuantizedMath:
+    """The arithmetic of a quantised (..., O, I) weight, over its int values `qweight` and their `scale`s.
+    `dtype` is the float type it stands for (dequantize()'s). The kernels (ops.py) call matmul_packed() and
+    dequantize()."""
+
+    scheme: str
+    shape: tuple[int, ...]
+    group_size: int | None
+    dtype: torch.dtype
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+    def scales(self, index: int | None = None) -> torch.Tensor:
+        """The scales of matrix `index`: (O,) for int8, (O, G) for int4."""
+        sc = self.scale if index is None else self.scale[index]
+        return sc if self.scheme == "int8" else sc[:, : self.shape[-2], 0].T
+
+    def quantized(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """int values (O, I) int8 and scales of matrix `index`: what a checkpoint stores."""
+        qw = self.qweight if index is None else self.qweight[index]
+        if self.scheme == "int4":
+            qw = from_cpu_int4(qw.cpu(), self.shape[-2]).to(qw.device)
+        return qw, self.scales(index)
+
+    def dequantize(self, index: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight q * s: one matrix (O, I), or the whole stack when the weight is stacked and index None."""
+        dtype = dtype or self.dtype
+        if index is None and len(self.shape) > 2:
+            return torch.stack([self.dequantize(e, dtype) for e in range(self.shape[0])])
+        q, s = self.quantized(index)
+        if self.scheme == "int8":
+            return (q.float() * s.float()[:, None]).to(dtype)
+        return (q.float().unflatten(-1, (-1, self.group_size)) * s.float()[..., None]).flatten(-2).to(dtype)
+
+    def matmul_packed(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x (M, I) bf16 -> x W^T (M, O) bf16 through PyTorch's CPU weight-only kernels."""
+        qw = self.qweight if index is None else self.qweight[index]
+        sc = self.scale if index is None else self.scale[index]
+        if self.scheme == "int8":
+            return torch._weight_int8pack_mm(x, qw, sc)
+        return torch._weight_int4pack_mm_for_cpu(x, qw, self.group_size, sc)[:, : self.shape[-2]]
+
+
+@dataclass(frozen=True)
+class QuantizedParts(QuantizedMath):
+    """A QuantizedWeight's tensors and scheme as plain fields: what a custom op, which takes tensors, not modules,
+    rebuilds to run the same arithmetic (ops.experts_quantized_op)."""
+
+    scheme: str
+    shape: tuple[int, ...]
+    group_size: int | None
+    dtype: torch.dtype
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+
+class QuantizedWeight(QuantizedMath, nn.Module):
     """A quantised (..., O, I) weight held where a Linear's `weight` or an Experts' `w1` was: buffers, so .to(),
-    state_dict() and buffers() see it; parameters() does not (it is not trained). `dtype` is the float type it
-    stands for (dequantize()'s). The kernels (ops.py) call matmul_packed() and dequantize()."""
+    state_dict() and buffers() see it; parameters() does not (it is not trained)."""
 
     def __init__(self, scheme: str, shape: tuple[int, ...], group_size: int | None, dtype: torch.dtype,
                  device: torch.device | str = "meta"):
@@ -187,36 +242,6 @@ class QuantizedWeight(nn.Module):
     def set(self, w: torch.Tensor, index: int | None = None) -> None:
         """Quantise the float matrix w (O, I) into matrix `index`."""
         self.set_quantized(*quantize(w, self.scheme, self.group_size), index=index)
-
-    def scales(self, index: int | None = None) -> torch.Tensor:
-        """The scales of matrix `index`: (O,) for int8, (O, G) for int4."""
-        sc = self.scale if index is None else self.scale[index]
-        return sc if self.scheme == "int8" else sc[:, : self.shape[-2], 0].T
-
-    def quantized(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """int values (O, I) int8 and scales of matrix `index`: what a checkpoint stores."""
-        qw = self.qweight if index is None else self.qweight[index]
-        if self.scheme == "int4":
-            qw = from_cpu_int4(qw.cpu(), self.shape[-2]).to(qw.device)
-        return qw, self.scales(index)
-
-    def dequantize(self, index: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight q * s: one matrix (O, I), or the whole stack when the weight is stacked and index None."""
-        dtype = dtype or self.dtype
-        if index is None and len(self.shape) > 2:
-            return torch.stack([self.dequantize(e, dtype) for e in range(self.shape[0])])
-        q, s = self.quantized(index)
-        if self.scheme == "int8":
-            return (q.float() * s.float()[:, None]).to(dtype)
-        return (q.float().unflatten(-1, (-1, self.group_size)) * s.float()[..., None]).flatten(-2).to(dtype)
-
-    def matmul_packed(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """x (M, I) bf16 -> x W^T (M, O) bf16 through PyTorch's CPU weight-only kernels."""
-        qw = self.qweight if index is None else self.qweight[index]
-        sc = self.scale if index is None else self.scale[index]
-        if self.scheme == "int8":
-            return torch._weight_int8pack_mm(x, qw, sc)
-        return torch._weight_int4pack_mm_for_cpu(x, qw, self.group_size, sc)[:, : self.shape[-2]]
 
 
 # ---- compressed-tensors checkpoints ----------------------------------------------------------------------------
