@@ -40,7 +40,8 @@ def test_absorbed_path_equals_expanded_and_its_weights_are_wkv_b_per_head(model)
     attn = model.layers[0].attn
     H, Q, U, C = attn.n_heads, attn.nope_dim, attn.v_dim, attn.kv_lora_rank
     w = attn.wkv_b.weight.view(H, Q + U, C)  # rows of head h: its Q key rows, then its U value rows
-    assert attn.w_uk.is_contiguous() and attn.w_uv_t.is_contiguous()
+    # stored with the summed dim last (W_UK^T, W_UV), so each one-row product reads rows contiguously
+    assert attn.w_uk.transpose(1, 2).is_contiguous() and attn.w_uv_t.transpose(1, 2).is_contiguous()
     assert torch.equal(attn.w_uk, w[:, :Q]) and torch.equal(attn.w_uv_t, w[:, Q:].transpose(1, 2))
     expanded, absorbed = both_paths(attn)
     assert absorbed.shape == (2, 5, H, U)
