@@ -112,8 +112,18 @@ logging.basicConfig(level=logging.WARNING)
 model = openseek.load_pretrained(BUNDLED_MODEL, dtype=torch.float32)
 batch = prompts(3, seed=2)
 int4 = openseek.load_pretrained(BUNDLED_MODEL, dtype=torch.float32, quantization="int4")
+# weights changed in place and renewed (as GRPO does) after the graph was built: the graph must see them
+llm = openseek.LLM(model, max_num_seqs=1, enable_prefix_caching=False, max_model_len=128, compile=True)
+params = openseek.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+llm.generate({"prompt_token_ids": batch[0]}, params)
+with torch.no_grad():
+    for layer in model.layers:
+        layer.attn.wkv_b.weight.mul_(-1.5)
+llm.llm_engine.update_weights()
+renewed = llm.generate({"prompt_token_ids": batch[0]}, params)[0].outputs[0].token_ids
 print(json.dumps([greedy(model, batch, 12, compile=True), greedy(model, batch[:1], 12, compile=True),
-                  greedy(model, batch, 12), greedy(int4, batch, 12, compile=True), greedy(int4, batch, 12)]))
+                  greedy(model, batch, 12), greedy(int4, batch, 12, compile=True), greedy(int4, batch, 12),
+                  renewed, greedy(model, batch[:1], 12)[0]]))
 """
 
 
@@ -127,7 +137,9 @@ def test_compiled_decode_gives_the_eager_tokens():
     out = subprocess.run([sys.executable, "-c", COMPILED_RUN, str(tests)], capture_output=True, text=True,
                          timeout=900, check=True, env=env)
     assert "compiled decode failed" not in out.stderr  # the graph itself ran, not the fallback
-    compiled, compiled_one, eager, compiled_int4, eager_int4 = json.loads(out.stdout.splitlines()[-1])
+    compiled, compiled_one, eager, compiled_int4, eager_int4, renewed, eager_renewed = \
+        json.loads(out.stdout.splitlines()[-1])
+    assert renewed == eager_renewed  # the compiled graph after update_weights, against eager on the new weights
     assert compiled == eager
     assert compiled_int4 == eager_int4  # the quantised experts' custom op inside the graph
     assert compiled_one == eager[:1]  # batch 1: its own graph
