@@ -332,6 +332,13 @@ def best_lrs(s: Setting, done: dict[str, dict]) -> dict[str, float]:
     return best
 
 
+def edge_runs(s: Setting, done: dict[str, dict]) -> list[Run]:
+    """A check, not a choice: seed 0 one step (x2) beyond the sweep for each variant whose best lies at its edge."""
+    low, high = s.lr * min(s.lr_factors), s.lr * max(s.lr_factors)
+    return [Run(k, lr / 2 if lr == low else lr * 2, s.seeds[0]) for k, lr in best_lrs(s, done).items()
+            if lr in (low, high)]
+
+
 def final_runs(s: Setting, best: dict[str, float]) -> list[Run]:
     """The remaining seeds of every swept variant at its best lr; every seed of the recipe variants at DeepSeekMoE's."""
     runs = [Run(k, lr, seed) for k, lr in best.items() for seed in s.seeds[1:]]
@@ -341,13 +348,25 @@ def final_runs(s: Setting, best: dict[str, float]) -> list[Run]:
 
 
 def run_ablation(s: Setting, out: Path, data: list[str], workers: int = 2) -> int:
-    """The sweep, then the seeds; every run saved under OUT/runs (data [] = the standard library); -> runs trained."""
+    """The sweep, the seeds, then the edge checks; every run saved under OUT/runs (data [] = the standard library),
+    the setting in OUT/setting.json; -> runs trained."""
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "setting.json").write_text(json.dumps(dataclasses.asdict(s), indent=1) + "\n")
     prepare_data(train_config(s, data), out)  # once, before the workers: they reuse the packed shards
     trained = execute(s, sweep_runs(s), data, out, workers)
     best = best_lrs(s, load_runs(out))
     print("best learning rates: " + ", ".join(f"{VARIANTS[k].label} {lr:g}" for k, lr in best.items()), flush=True)
-    return trained + execute(s, final_runs(s, best), data, out, workers)
+    trained += execute(s, final_runs(s, best), data, out, workers)
+    return trained + execute(s, edge_runs(s, load_runs(out)), data, out, workers)
+
+
+def saved_setting(out: Path, default: Setting) -> Setting:
+    """The setting OUT's runs were trained in (OUT/setting.json), or `default` for an OUT without one."""
+    path = out / "setting.json"
+    if not path.exists():
+        return default
+    fields = json.loads(path.read_text())
+    return Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     docs = Path(args.docs or (out if args.quick else Path(__file__).resolve().parent.parent / "docs"))
     torch.set_num_threads(1)
     print(machine_line(), flush=True)
-    if not args.from_results:
+    if args.from_results:
+        s = saved_setting(out, s)
+    else:
         start = time.time()
         trained = run_ablation(s, out, data, args.workers)
         ablation_report.log_session(out, start, time.time(), trained, args.workers)

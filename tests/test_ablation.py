@@ -40,17 +40,22 @@ def quick(ablation, corpus, tmp_path_factory):
 
 
 def test_every_planned_run_trains_to_a_finite_loss_below_uniform_and_is_saved(ablation, quick):
-    ab, _ = ablation
+    ab, report = ablation
     s, out, trained, _ = quick
     runs = ab.load_runs(out)
     swept = [k for k, v in ab.VARIANTS.items() if v.swept]
     recipe = [k for k, v in ab.VARIANTS.items() if not v.swept]
-    # each swept variant at 2 lrs (seed 0) + seed 1 at its best; each recipe variant at 2 seeds
-    assert trained == len(runs) == 2 * len(swept) + len(swept) + 2 * len(recipe)
+    # each swept variant at 2 lrs (seed 0) + seed 1 at its best + a check beyond its best (of 2, always at an edge);
+    # each recipe variant at 2 seeds
+    assert trained == len(runs) == 2 * len(swept) + len(swept) + len(swept) + 2 * len(recipe)
+    assert len(ab.edge_runs(s, runs)) == len(swept)
     for r in runs.values():
         assert len(r["train_loss"]) == s.steps and all(math.isfinite(x) for x in r["train_loss"]), r["name"]
-        assert math.isfinite(r["bpb"]) and r["val_loss"] < math.log(s.vocab), (r["name"], r["val_loss"])
+        assert math.isfinite(r["bpb"]), r["name"]
         assert (r["maxvio_batch"] is None) == (ab.VARIANTS[r["variant"]].ffn == "dense"), r["name"]
+    chosen = [r for rs in report.chosen(s, runs).values() for r in rs]
+    assert len(chosen) == len(ab.VARIANTS) * len(s.seeds)
+    assert all(r["val_loss"] < math.log(s.vocab) for r in chosen)  # below uniform at the chosen lr (8 steps)
     assert all(r["dropped_fraction"] > 0 for r in runs.values() if r["variant"] == "dropping")
     assert all(r["dropped_fraction"] == 0 for r in runs.values() if r["variant"] != "dropping")
 
@@ -114,6 +119,9 @@ def test_best_lr_is_the_least_validation_loss_and_recipe_variants_take_deepseekm
     assert {r.lr for r in runs if not ab.VARIANTS[r.variant].swept} == {1e-3}
     assert sorted(r.seed for r in runs if r.variant == "mla") == [1, 2]
     assert sorted(r.seed for r in runs if r.variant == "v3-bias") == [0, 1, 2]
+    assert ab.edge_runs(s, done) == []  # every best inside the sweep
+    done[ab.Run("mha", s.lr / 2, 0).name]["val_loss"] = 2.0  # MHA best at the low edge: a check at half of it
+    assert ab.edge_runs(s, done) == [ab.Run("mha", s.lr / 4, 0)]
     del done[ab.Run("mla", s.lr, 0).name]  # an unfinished sweep plans no seeds
     assert "mla" not in ab.best_lrs(s, done)
 
@@ -209,4 +217,5 @@ def test_from_results_renders_without_training(ablation, quick, tmp_path, capsys
     ab.main(["--quick", "--steps", str(s.steps), "--vocab-size", str(s.vocab), "--out", str(out), "--docs",
              str(tmp_path), "--from-results"])
     assert {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()} == before
-    assert "## Claims" in (tmp_path / "ablation.md").read_text()
+    text = (tmp_path / "ablation.md").read_text()
+    assert "## Claims" in text and "Missing runs" not in text  # OUT/setting.json, not --quick's defaults
