@@ -24,19 +24,26 @@ class Claim:
     variant: str
     metric: str  # a run record's field; lower is better
     paper_sign: int  # the sign of variant - baseline the paper reports; 0: the paper claims no real difference
+    caveat: str = ""
 
 
 CLAIMS = [
-    Claim("MLA beats MHA, caching far less", "DeepSeek-V2, appendix D.2", "mha", "mla", "bpb", -1),
+    Claim("MLA beats MHA, caching far less", "DeepSeek-V2, appendix D.2", "mha", "mla", "bpb", -1,
+          "MLA normalises its latent c_kv (an RMSNorm) where MHA's keys and values have no norm, and the comparison "
+          "is of short runs: part of the gap may be faster early learning rather than a better model"),
     Claim("DeepSeekMoE beats GShard top-2 at equal total and activated parameters and FLOPs",
-          "Dai et al. 2024 (DeepSeekMoE)", "gshard", "deepseekmoe", "bpb", -1),
+          "Dai et al. 2024 (DeepSeekMoE)", "gshard", "deepseekmoe", "bpb", -1,
+          "GShard here keeps V2's router (no top-2 renormalisation, capacity or random second expert)"),
     Claim("the bias update reaches a lower loss than the balance loss", "DeepSeek-V3 §4.5.2", "v3-loss", "v3-bias",
-          "bpb", -1),
+          "bpb", -1, "the expert loss is V2's formula on the V3 router's sigmoid scores (P_i not a distribution)"),
     Claim("the bias update balances the batch better (MaxVio_batch)", "Wang et al. 2024 (aux-loss-free balancing)",
-          "v3-loss", "v3-bias", "maxvio_batch", -1),
+          "v3-loss", "v3-bias", "maxvio_batch", -1,
+          "the bias moves by at most gamma = 0.001 a step, so a short run corrects only part of the imbalance: "
+          "compare both with the softmax router's MaxVio in the results table"),
     Claim("device-limited routing loses little", "DeepSeek-V2 §2.2.2 (M = 3 of 8 devices)", "deepseekmoe",
-          "limited", "bpb", 0),
-    Claim("token dropping at capacity 1.0 loses little", "DeepSeek-V2 §2.2.4", "deepseekmoe", "dropping", "bpb", 0),
+          "limited", "bpb", 0, "here M = 2 of 5 devices"),
+    Claim("token dropping at capacity 1.0 loses little", "DeepSeek-V2 §2.2.4", "deepseekmoe", "dropping", "bpb", 0,
+          "tokens are dropped in training only; validation routes every token"),
 ]
 STUDIES = {"MLA against MHA (dense FFN)": ("mha", "mla"), "DeepSeekMoE against GShard": ("gshard", "deepseekmoe"),
            "balance loss against the V3 bias update": ("v3-loss", "v3-bias"),
@@ -239,7 +246,8 @@ def setting_text(s: Setting, out: Path, done: dict[str, dict], command: str, cor
     per_param = f"{min(ratios):.2f}-{max(ratios):.2f}"
     lines = [
         f"Regenerate this file and `ablation.png` ({len(done)} runs, {minutes:.0f} minutes of training summed over "
-        f"runs, {wall_minutes(out):.0f} minutes of wall time on 2 single-threaded worker processes):", "",
+        f"runs, {wall_minutes(out):.0f} minutes of wall time on 2 single-threaded worker processes; wall-clock "
+        f"times on a shared machine, which include other users' load and any pause of the workers):", "",
         "```", command, "```", "",
         f"Every run: hidden {s.hidden}, {s.layers} layers, {s.heads} heads of d_h = {s.head_dim}, {s.steps} steps x "
         f"{s.batch} x {s.seq_len} = {tokens / 1e6:.2f}M training tokens of {corpus}, byte-level BPE of vocabulary "
@@ -279,7 +287,7 @@ def setting_text(s: Setting, out: Path, done: dict[str, dict], command: str, cor
         f"Routing: the {4 * s.experts - 2} experts on 5 devices, each token's top-6 from at most 2 of them (V2: M = "
         "3 of D = 8), against no limit; and device-level token dropping at capacity factor 1.0 over the same 5 "
         "devices (10% of sequences exempt; never in validation), against none.",
-        "", f"Measured on: {machine_line()}."]
+        "", f"Machine (the load average is at rendering time): {machine_line()}."]
     if lost:
         lines += ["", f"**Missing runs** (not finished when this was rendered): {', '.join(lost)}."]
     return lines
@@ -313,7 +321,7 @@ def discussion(s: Setting, runs: dict[str, list[dict]], done: dict[str, dict]) -
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
         out.append(f"- **{c.text}** ({c.source}): {VARIANTS[c.variant].label} minus {VARIANTS[c.baseline].label}, "
                    f"{c.metric} {statistics.fmean(diffs):+.4f} (standard error {se:.4f}, {len(diffs)} seeds): "
-                   f"{verdict(diffs, c.paper_sign)}.")
+                   f"{verdict(diffs, c.paper_sign)}." + (f" Caveat: {c.caveat}." if c.caveat else ""))
     out += edge_notes(s, done)
     out.append(f"- **Scale.** At {s.steps * s.batch * s.seq_len / 1e6:.2f}M tokens a verdict here says how the "
                "variants start, not how they end: a claim not settled here may well hold at the papers' budgets, "
