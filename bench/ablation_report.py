@@ -29,8 +29,9 @@ class Claim:
 
 CLAIMS = [
     Claim("MLA beats MHA, caching far less", "DeepSeek-V2, appendix D.2", "mha", "mla", "bpb", -1,
-          "MLA normalises its latent c_kv (an RMSNorm) where MHA's keys and values have no norm, and the comparison "
-          "is of short runs: part of the gap may be faster early learning rather than a better model"),
+          "MLA normalises its latent c_kv (an RMSNorm) where MHA's keys and values have no norm; and a one-seed "
+          "check at 3x the steps (bench/results/ablation.txt) leaves a small fraction of the gap: most of it is "
+          "faster early learning, so the verdict holds for these short runs only"),
     Claim("DeepSeekMoE beats GShard top-2 at equal total and activated parameters and FLOPs",
           "Dai et al. 2024 (DeepSeekMoE)", "gshard", "deepseekmoe", "bpb", -1,
           "GShard here keeps V2's router (no top-2 renormalisation, capacity or random second expert)"),
