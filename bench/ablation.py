@@ -1,12 +1,14 @@
-"""DeepSeek-V2's architecture claims at small scale: MLA against MHA/GQA/MQA, DeepSeekMoE against GShard and dense.
+"""DeepSeek-V2/V3's claims at small scale, each over 3 seeds: MLA against MHA, DeepSeekMoE against GShard, and the
+MoE recipe (balance loss against the V3 bias update, device-limited routing, token dropping).
 
-    python bench/ablation.py [--steps 300] [--out /tmp/openseek-bench/ablation] [--docs docs]
-    python bench/ablation.py --quick    # a tiny model on the stdlib's json package; writes into --out only
+    python bench/ablation.py [--steps 150] [--workers 2] [--out /tmp/openseek-bench/ablation] [--docs docs]
+    python bench/ablation.py --from-results    # no training: re-render from OUT/runs
+    python bench/ablation.py --quick           # a tiny model on the stdlib's json package; writes into --out only
 
-Six runs on one tokenizer, one packed corpus, one data order and the `small` preset's optimiser and schedule:
-MHA, GQA, MQA and MLA, each with a dense SwiGLU FFN whose width evens out the activated parameters, and dense,
-GShard top-2 and DeepSeekMoE FFNs, each under MLA (the MLA + dense run belongs to both tables). Prints a markdown
-table per ablation and writes DOCS/ablation.md, DOCS/ablation.png and OUT/results.json.
+A run is one variant at one peak learning rate and one seed (the init and the data order; the same data order for a
+seed across variants). Each is saved to OUT/runs/<name>.json when it finishes and skipped when that file exists, so
+an interrupted ablation resumes. First each learning-rate-swept variant trains at seed 0 at lr x {0.5, 1, 2}; then
+seeds 1 and 2 at its best, and the recipe variants at DeepSeekMoE's best. ablation_report.py renders the result.
 
 Shapes: B batch, S tokens, D model dim, H query heads, G key/value heads, d head dim.
 """
@@ -16,7 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
+import multiprocessing
+import os
 import shlex
 import sys
 import sysconfig
@@ -28,50 +31,78 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import BENCH_DIR, machine_line, markdown_table
+from common import BENCH_DIR, machine_line
 
 from openseek.model import Transformer
 from openseek.model.layers import apply_rope
 from openseek.model.mla import MLA
 from openseek.model.moe import MoE
-from openseek.summary import CACHE_DTYPE_BYTES
-from openseek.train.config import TRAIN_PRESETS, TrainConfig, train_preset
-from openseek.train.data import TokenLoader
-from openseek.train.step import build_optimizer, build_recipe, init_weights, lr_at, train_step
-from openseek.train.run import Prepared, prepare_data, validation
-
-TABLES = {"attention": "attention (dense SwiGLU FFN)", "ffn": "FFN (MLA attention)"}
-KV_DTYPE = "bf16"
+from openseek.train.config import TrainConfig, train_preset
+from openseek.train.data import IGNORE_INDEX, TokenLoader, bits_per_byte, validation_batches
+from openseek.train.run import prepare_data, validation
+from openseek.train.step import build_optimizer, build_recipe, evaluate, init_weights, lr_at, train_step
 
 
 @dataclass(slots=True)
 class Setting:
-    hidden: int = 256
-    layers: int = 4
+    hidden: int = 192
+    layers: int = 4  # the first dense in the MoE models (first_k_dense_replace = 1, as V2)
     heads: int = 4
-    head_dim: int = 64  # d_h
-    ffn: int = 768  # I: the MLA run's dense width, and every MoE run's activated width
+    head_dim: int = 48  # d_h
+    latent: int = 64  # MLA's d_c, well below H d_h: MHA caches 2 H d_h values per token per layer, MLA d_c + d_R
+    ffn: int = 512  # I: the dense width, and every MoE layer's activated width
+    experts: int = 8  # GShard's, of width I/2; DeepSeekMoE has 4x as many of width I/8, 2 of them shared
     seq_len: int = 256
     batch: int = 16
-    steps: int = 300
+    steps: int = 100
     vocab: int = 4096
+    lr: float = 3e-3  # swept x lr_factors (the `small` preset's 2e-3 is for 600 steps; short runs favour more)
+    lr_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
-QUICK = Setting(hidden=64, layers=2, heads=4, head_dim=16, ffn=192, seq_len=64, batch=8, steps=20, vocab=512)
+QUICK = Setting(hidden=64, layers=2, heads=4, head_dim=16, latent=24, ffn=192, seq_len=64, batch=8, steps=20, lr=2e-3,
+                vocab=512)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Variant:
-    name: str
-    tables: tuple[str, ...]
-    kv_heads: int | None  # G of MHA/GQA/MQA; None: MLA
+    key: str  # in run names
+    label: str
+    attention: str  # "MHA" or "MLA"
     ffn: str  # "dense", "gshard" or "deepseekmoe"
+    router: str = "v2"  # v2: softmax top-k; v3: sigmoid with the selection bias (noaux_tc), renormalised
+    recipe: tuple[tuple[str, float], ...] = (("alpha1", 0.003),)  # TrainConfig fields of the MoE recipe
+    swept: bool = False  # its own learning-rate sweep; otherwise DeepSeekMoE's best learning rate
 
 
-def variants(s: Setting) -> list[Variant]:
-    return [Variant("MHA", ("attention",), s.heads, "dense"), Variant("GQA", ("attention",), s.heads // 2, "dense"),
-            Variant("MQA", ("attention",), 1, "dense"), Variant("MLA", ("attention", "ffn"), None, "dense"),
-            Variant("GShard", ("ffn",), None, "gshard"), Variant("DeepSeekMoE", ("ffn",), None, "deepseekmoe")]
+V2_LIMIT = (("alpha1", 0.003), ("n_devices", 5), ("device_limit", 2))  # 30 experts: 5 devices of 6, top-6 on 2
+V2_DROP = (("alpha1", 0.003), ("n_devices", 5), ("device_limit", 5), ("capacity_factor", 1.0))
+V3_BIAS = (("bias_update_speed", 0.001), ("seq_aux_alpha", 0.0001))  # V3 §4.2's gamma and alpha
+VARIANTS = {v.key: v for v in [
+    Variant("mha", "MHA", "MHA", "dense", swept=True),
+    Variant("mla", "MLA", "MLA", "dense", swept=True),
+    Variant("gshard", "GShard top-2", "MLA", "gshard", swept=True),
+    Variant("deepseekmoe", "DeepSeekMoE", "MLA", "deepseekmoe", swept=True),
+    Variant("v3-loss", "V3 router, expert balance loss", "MLA", "deepseekmoe", router="v3"),
+    Variant("v3-bias", "V3 router, bias update", "MLA", "deepseekmoe", router="v3", recipe=V3_BIAS),
+    Variant("limited", "device-limited (2 of 5 devices)", "MLA", "deepseekmoe", recipe=V2_LIMIT),
+    Variant("dropping", "token dropping (capacity 1.0)", "MLA", "deepseekmoe", recipe=V2_DROP),
+]}
+RECIPE_LR_FROM = "deepseekmoe"
+# training order: should time run out, the claims finished first have all their seeds (the MoE runs are the slowest)
+PRIORITY = ("gshard", "deepseekmoe", "mha", "mla", "v3-loss", "v3-bias", "limited", "dropping")
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    variant: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-lr{self.lr:g}-s{self.seed}"
 
 
 class GQA(nn.Module):
@@ -108,13 +139,6 @@ class GQA(nn.Module):
         return self.wo(o.transpose(1, 2).flatten(2))  # (B, S, D)
 
 
-def kv_values(attn: nn.Module) -> int:
-    """Values cached per token per layer: K and V of every KV head, or MLA's latent c_kv plus the shared k_pe."""
-    if isinstance(attn, GQA):
-        return 2 * attn.n_kv_heads * attn.head_dim
-    return attn.kv_lora_rank + attn.rope_dim
-
-
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -130,229 +154,224 @@ def param_counts(model: Transformer) -> tuple[int, int]:
     return total, activated
 
 
+def kv_values(s: Setting, attention: str) -> int:
+    """Values cached per token per layer: K and V of every head (MHA), or MLA's latent c_kv plus the shared k_pe."""
+    return 2 * s.heads * s.head_dim if attention == "MHA" else s.latent + s.head_dim // 2
+
+
+def flops_per_token(s: Setting, attention: str, activated: int) -> int:
+    """Forward FLOPs per token: 2 per activated weight, plus the scores and weighted values over the causal context
+    (on average (S + 1) / 2 tokens; MLA's expanded path scores d_h + d_R dims per head)."""
+    d = s.head_dim
+    qk = d if attention == "MHA" else d + d // 2
+    return 2 * activated + 2 * s.layers * s.heads * (qk + d) * (s.seq_len + 1) // 2
+
+
 def model_fields(s: Setting, v: Variant) -> dict:
-    """ModelConfig fields: MLA with the paper's ratios (d_c = 4 d_h, d_R = d_h / 2, no query compression)."""
+    """ModelConfig fields: MLA with d_c = s.latent and d_R = d_h / 2, no query compression; MoE after layer 0.
+
+    GShard: E experts of width I/2, top-2, none shared. DeepSeekMoE cuts each in 4 (width I/8) and isolates 2 as
+    shared: 4E - 2 routed, top-6, + 2 shared, so total, activated and per-token expert FLOPs equal GShard's."""
     d = s.head_dim
     m = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads, q_lora_rank=None,
-             kv_lora_rank=4 * d, qk_nope_head_dim=d, qk_rope_head_dim=d // 2, v_head_dim=d, rope_scaling=None,
-             intermediate_size=s.ffn, n_routed_experts=None, first_k_dense_replace=0)
-    if v.ffn == "gshard":  # 16 experts of width I/2, top-2, none shared: activated width I
-        m.update(n_routed_experts=16, moe_intermediate_size=s.ffn // 2, num_experts_per_tok=2, n_shared_experts=0)
-    elif v.ffn == "deepseekmoe":  # each GShard expert cut in 4: 64 of width I/8, top-6 routed + 2 shared = I
-        m.update(n_routed_experts=64, moe_intermediate_size=s.ffn // 8, num_experts_per_tok=6, n_shared_experts=2)
-    if v.kv_heads is not None:  # fewer attention parameters than MLA: a wider FFN (3 D F weights) makes up for them
-        with torch.device("meta"):
-            mla = MLA(TrainConfig(model=m, vocab_size=s.vocab).model_config())
-            gqa = GQA(s.hidden, s.heads, v.kv_heads, d)
-        m["intermediate_size"] = s.ffn + round((_numel(mla) - _numel(gqa)) / (3 * s.hidden))
+             kv_lora_rank=s.latent, qk_nope_head_dim=d, qk_rope_head_dim=d // 2, v_head_dim=d, rope_scaling=None,
+             intermediate_size=s.ffn, n_routed_experts=None, first_k_dense_replace=1)
+    if v.ffn == "gshard":
+        m.update(n_routed_experts=s.experts, moe_intermediate_size=s.ffn // 2, num_experts_per_tok=2,
+                 n_shared_experts=0)
+    elif v.ffn == "deepseekmoe":
+        m.update(n_routed_experts=4 * s.experts - 2, moe_intermediate_size=s.ffn // 8, num_experts_per_tok=6,
+                 n_shared_experts=2)
+    if v.router == "v3":
+        m.update(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, n_group=1, topk_group=1)
+    if v.ffn == "dense":  # the attention with fewer weights gets a wider FFN (3 D I weights) to even them out
+        m["intermediate_size"] = s.ffn + round((max(attention_params(s, a) for a in ("MHA", "MLA"))
+                                                - attention_params(s, v.attention)) / (3 * s.hidden))
     return m
 
 
-def train_config(s: Setting, model: dict, data: list[str]) -> TrainConfig:
-    """The `small` preset's optimiser and schedule; the expert balance loss alone (alpha1, one device)."""
-    return train_preset("small", model=model, data=data, vocab_size=s.vocab, seq_len=s.seq_len, batch_size=s.batch,
-                        steps=s.steps, warmup=min(TRAIN_PRESETS["small"]["warmup"], s.steps // 10),
-                        eval_every=max(1, s.steps // 6), alpha1=0.003, alpha2=0.0, alpha3=0.0, n_devices=1,
-                        device_limit=1)
-
-
-@dataclass(slots=True)
-class Result:
-    name: str
-    tables: tuple[str, ...]
-    attention: str
-    ffn: str
-    total: int
-    activated: int  # excluding the embedding
-    kv_values: int  # per token per layer
-    val_loss: float  # nats per token over the whole validation split
-    bpb: float
-    tokens_per_s: float  # median over steps
-    seconds: float
-    train_loss: list[float]
-    val_curve: list[tuple[int, float]]
-
-
-def describe(s: Setting, v: Variant, m: dict) -> tuple[str, str]:
-    """(attention, FFN) labels of a run for the tables."""
+def attention_params(s: Setting, attention: str) -> int:
+    """Weights of one attention layer (MHA: H d_h for each of Q, K, V and the output)."""
+    if attention == "MHA":
+        return 4 * s.hidden * s.heads * s.head_dim
     d = s.head_dim
-    attn = {None: f"MLA (d_c {4 * d}, d_R {d // 2})", s.heads: f"MHA ({s.heads} KV heads)", 1: "MQA (1 KV head)"}
-    ffn = {"dense": f"dense, width {m['intermediate_size']}", "gshard": f"GShard: top-2 of 16 x {s.ffn // 2}",
-           "deepseekmoe": f"DeepSeekMoE: top-6 of 64 x {s.ffn // 8} + 2 shared"}
-    return attn.get(v.kv_heads, f"GQA ({v.kv_heads} KV groups)"), ffn[v.ffn]
+    m = dict(hidden_size=s.hidden, num_attention_heads=s.heads, q_lora_rank=None, kv_lora_rank=s.latent,
+             qk_nope_head_dim=d, qk_rope_head_dim=d // 2, v_head_dim=d, rope_scaling=None, num_hidden_layers=1)
+    with torch.device("meta"):
+        return _numel(MLA(TrainConfig(model=m, vocab_size=s.vocab).model_config()))
 
 
-def train_variant(s: Setting, v: Variant, data: list[str], prepared: Prepared) -> Result:
-    """Build, initialise and train one variant; validate over the whole held-out split."""
-    m = model_fields(s, v)
-    cfg = train_config(s, m, data)
-    full_val = dataclasses.replace(cfg, eval_batches=math.ceil(prepared.val.num_tokens / (s.batch * s.seq_len)))
+def train_config(s: Setting, data: list[str], model: dict | None = None, run: Run | None = None) -> TrainConfig:
+    """The `small` preset's optimiser and step schedule at the run's peak lr and seed, the variant's MoE recipe;
+    without a run, the data's config (seed 0: one train/validation split for every run)."""
+    recipe = dict(alpha1=0.003, alpha2=0.0, alpha3=0.0, n_devices=1, device_limit=1)
+    if run is not None:
+        recipe.update({"alpha1": 0.0, **dict(VARIANTS[run.variant].recipe)})
+    return train_preset("small", model=model or {}, data=data, vocab_size=s.vocab, seq_len=s.seq_len,
+                        batch_size=s.batch, steps=s.steps, warmup=max(1, s.steps // 10), eval_every=s.steps // 4 or 1,
+                        eval_batches=4, lr=run.lr if run else s.lr, seed=run.seed if run else 0, **recipe)
+
+
+def build_model(s: Setting, v: Variant, cfg: TrainConfig) -> Transformer:
+    """The variant's Transformer, initialised from the run's seed (after the MHA swap: every variant drawn alike)."""
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_config())
-    if v.kv_heads is not None:
+    if v.attention == "MHA":
         for block in model.layers:
-            block.attn = GQA(s.hidden, s.heads, v.kv_heads, s.head_dim)
-    init_weights(model, cfg.init_std, cfg.seed)  # after the swap: every variant drawn alike
-    model.train()
+            block.attn = GQA(s.hidden, s.heads, s.heads, s.head_dim)
+    init_weights(model, cfg.init_std, cfg.seed)
+    return model.train()
+
+
+def validate_with_load(model: Transformer, recipe, cfg: TrainConfig, ds) -> dict:
+    """Loss and bits per byte over the whole validation split; MaxVio of every full batch, averaged over batches and
+    MoE layers (per batch, and per sequence)."""
+    nats, tokens, vio_batch, vio_seq = 0.0, 0, [], []
+    for x, y in validation_batches(ds, cfg.batch_size, cfg.seq_len):
+        recipe.reset()
+        loss, n = evaluate(model, [(x, y)], torch.float32)
+        nats, tokens = nats + loss * n, tokens + n
+        layers = recipe.stats().values()
+        if layers and bool((y != IGNORE_INDEX).all()):  # the padded tail batch would count its padding's routes
+            vio_batch.append(sum(st["maxvio_batch"] for st in layers) / len(layers))
+            vio_seq.append(sum(st["maxvio_seq"] for st in layers) / len(layers))
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {"val_loss": nats / tokens, "bpb": bits_per_byte(nats, ds.num_bytes), "maxvio_batch": mean(vio_batch),
+            "maxvio_seq": mean(vio_seq)}
+
+
+def train_run(s: Setting, run: Run, data: list[str], out: Path) -> dict:
+    """Train one run and validate it over the whole held-out split; -> the record saved as OUT/runs/<name>.json."""
+    v = VARIANTS[run.variant]
+    cfg = train_config(s, data, model_fields(s, v), run)
+    prepared = prepare_data(train_config(s, data), out)
+    model = build_model(s, v, cfg)
     recipe = build_recipe(cfg)
     recipe.install(model)
     opt = build_optimizer(model, cfg)
     loader = TokenLoader(prepared.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-    train_loss, val_curve, tps = [], [], []
+    train_loss, val_curve, dropped, step_seconds = [], [], [], []
     start = time.perf_counter()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         res = train_step(model, opt, recipe, [next(loader)], cfg, lr_at(cfg, step), torch.float32)
-        tps.append(res.tokens / (time.perf_counter() - t0))
+        step_seconds.append(time.perf_counter() - t0)
         train_loss.append(res.loss)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:  # a sample of the split, the whole at the end
-            val = validation(model, full_val if step + 1 == cfg.steps else cfg, prepared.val, torch.float32)
-            val_curve.append((step + 1, val["loss"]))
+        layers = recipe.stats().values()
+        dropped.append(sum(st["dropped_fraction"] for st in layers) / len(layers) if layers else 0.0)
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:  # a sample; the whole split at the end
+            val_curve.append((step + 1, validation(model, cfg, prepared.val, torch.float32)["loss"]))
+    t0 = time.perf_counter()
+    final = validate_with_load(model, recipe, cfg, prepared.val)
+    val_seconds = time.perf_counter() - t0
+    val_curve.append((cfg.steps, final["val_loss"]))
     recipe.remove(model)
     total, activated = param_counts(model)
-    attn, ffn = describe(s, v, m)
-    return Result(v.name, v.tables, attn, ffn, total, activated, kv_values(model.layers[0].attn), val["loss"],
-                  val["bpb"], sorted(tps)[len(tps) // 2], time.perf_counter() - start, train_loss, val_curve)
+    return dict(name=run.name, variant=run.variant, lr=run.lr, seed=run.seed, steps=cfg.steps,
+                tokens=cfg.steps * cfg.batch_size * cfg.seq_len, total=total, activated=activated,
+                flops_per_token=flops_per_token(s, v.attention, activated), kv_values=kv_values(s, v.attention),
+                dropped_fraction=sum(dropped) / len(dropped), **final, seconds=time.perf_counter() - start,
+                step_seconds=sorted(step_seconds)[len(step_seconds) // 2], val_seconds=val_seconds,
+                train_loss=train_loss, val_curve=val_curve, val_tokens=prepared.val.num_targets,
+                val_bytes=prepared.val.num_bytes)
 
 
-def run_ablation(s: Setting, out: Path, data: list[str]) -> tuple[list[Result], Prepared]:
-    """Every variant on the same tokenizer and packed data under OUT/data (data [] = the standard library)."""
-    out.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_data(train_config(s, {}, data), out)
-    results = []
-    for v in variants(s):
-        r = train_variant(s, v, data, prepared)
-        print(f"{r.name}: val {r.val_loss:.3f} nats/token, {r.bpb:.3f} bits/byte, {r.seconds / 60:.1f} min", flush=True)
-        results.append(r)
-    (out / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1) + "\n")
-    return results, prepared
+def run_path(out: Path, run: Run) -> Path:
+    return out / "runs" / f"{run.name}.json"
 
 
-HEADERS = ["attention", "FFN", "params", "activated (excl. embedding)", "KV values / token / layer",
-           f"KV bytes / token / layer ({KV_DTYPE})", "val loss (nats/token)",
-           "val bits/byte", "train tokens/s", "minutes"]
+def _train_and_save(job: tuple[Setting, Run, list[str], Path]) -> str:
+    """A worker's task: one run, saved atomically (a half-written file never counts as finished)."""
+    s, run, data, out = job
+    torch.set_num_threads(1)
+    rec = train_run(s, run, data, out)
+    path = run_path(out, run)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec) + "\n")
+    tmp.replace(path)
+    return (f"{run.name}: val {rec['val_loss']:.4f} nats/token, {rec['bpb']:.4f} bits/byte, "
+            f"{rec['seconds'] / 60:.1f} min")
 
 
-def table(results: list[Result], name: str) -> str:
-    rows = [[r.attention, r.ffn, f"{r.total / 1e6:.3f}M", f"{r.activated / 1e6:.3f}M", r.kv_values,
-             r.kv_values * CACHE_DTYPE_BYTES[KV_DTYPE], f"{r.val_loss:.3f}", f"{r.bpb:.4f}", f"{r.tokens_per_s:.0f}",
-             f"{r.seconds / 60:.1f}"] for r in results if name in r.tables]
-    return markdown_table(HEADERS, rows)
+def execute(s: Setting, runs: list[Run], data: list[str], out: Path, workers: int) -> int:
+    """Train the runs without a saved result, in PRIORITY order, then by seed; -> how many were trained.
+
+    No timeout on a worker: another user may pause it (SIGSTOP) for a while."""
+    todo = sorted((r for r in runs if not run_path(out, r).exists()),
+                  key=lambda r: (PRIORITY.index(r.variant), r.seed, r.lr))
+    for r in runs:
+        if r not in todo:
+            print(f"{r.name}: saved earlier, skipped", flush=True)
+    jobs = [(s, r, data, out) for r in todo]
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            print(_train_and_save(job), flush=True)
+    else:  # spawn: a fresh interpreter per worker, no forked torch thread pools
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for line in pool.imap_unordered(_train_and_save, jobs):
+                print(line, flush=True)
+    return len(jobs)
 
 
-def discussion(results: list[Result], s: Setting) -> list[str]:
-    """Bullets setting this run's numbers against the papers' claims (lower bits/byte is better)."""
-    r = {x.name: x for x in results}
-    mha, gqa, mqa, mla, gshard, dsm = (r[k] for k in ("MHA", "GQA", "MQA", "MLA", "GShard", "DeepSeekMoE"))
-
-    def verdict(holds: bool) -> str:
-        return "holds in this run" if holds else "is not reproduced in this run"
-
-    def order(table: str, *rs: Result) -> str:
-        return "best first: " + ", ".join(f"{label(x, table)} {x.bpb:.4f}" for x in sorted(rs, key=lambda x: x.bpb))
-
-    tokens = s.steps * s.batch * s.seq_len
-    return [
-        f"- **KV cache** (from the shapes, not measured): MLA caches {mla.kv_values} values per token per layer, "
-        f"{mla.kv_values / mha.kv_values:.0%} of MHA's {mha.kv_values}, as many as GQA with "
-        f"{mla.kv_values / (2 * s.head_dim):.2f} groups would (the paper's 2.25 for d_c = 4 d_h, d_R = d_h / 2); "
-        f"GQA with {gqa.kv_values // (2 * s.head_dim)} groups caches {gqa.kv_values} and MQA {mqa.kv_values}.",
-        f"- **MLA against MHA**: {mla.bpb:.4f} against {mha.bpb:.4f} bits/byte ({mla.bpb - mha.bpb:+.4f}). "
-        f"DeepSeek-V2 (appendix D.2) reports MLA ahead of MHA at far larger scale; that claim "
-        f"{verdict(mla.bpb < mha.bpb)}.",
-        f"- **Sharing keys and values**, {order('attention', mha, gqa, mqa)} bits/byte. DeepSeek-V2 (appendix D.1) "
-        f"finds quality falling from MHA to GQA to MQA; that order {verdict(mha.bpb <= gqa.bpb <= mqa.bpb)}.",
-        f"- **FFN**, {order('ffn', r['MLA'], gshard, dsm)} bits/byte. DeepSeekMoE (Dai et al. 2024) beats GShard "
-        f"at equal total and activated parameters: that {verdict(dsm.bpb < gshard.bpb)}. An MoE beats a dense FFN "
-        f"of the same activated size: that {verdict(min(dsm.bpb, gshard.bpb) < r['MLA'].bpb)}. The MoE runs hold "
-        f"{gshard.total / r['MLA'].total:.1f}x (GShard) and {dsm.total / r['MLA'].total:.1f}x (DeepSeekMoE) the "
-        f"dense run's parameters for the same activated count; with {tokens / 1e6:.2f}M tokens each routed expert "
-        f"trains on a fraction of them, so an MoE's extra capacity needs a longer run to pay off.",
-        "- **Reading the attention table**: the variants differ in KV heads *and*, to even out activated "
-        "parameters, in FFN width (MHA/GQA/MQA take the parameters MLA spends on its up-projections into a wider "
-        "FFN); at this scale the FFN width can matter more than how keys and values are shared.",
-        f"- **How far to trust this**: one seed, {tokens / 1e6:.2f}M training tokens per run and about "
-        f"{mla.activated / 1e6:.1f}M activated parameters, orders of magnitude below the papers; run-to-run noise "
-        f"is not measured, so gaps of a few thousandths of a bit per byte may not survive another seed. Tokens/s "
-        f"are float32 CPU numbers of this implementation (routed experts run in a per-expert loop) and say little "
-        f"about the architectures' speed on accelerators.",
-        "- **Choices**: MHA/GQA/MQA rotate the whole head with RoPE, MLA only its decoupled d_R dims, each as "
-        "defined. GShard keeps DeepSeek-V2's router (softmax top-k, no renormalisation, no capacity limit, no "
-        "random second expert) so that expert granularity and shared experts are the only differences from "
-        "DeepSeekMoE. Both MoE runs have MoE in every layer and the expert balance loss alone (alpha1 = 0.003).",
-    ]
+def load_runs(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
 
 
-def label(r: Result, table: str) -> str:
-    """A run's name in one table: the MLA + dense run is the dense baseline of the FFN table."""
-    return "dense" if table == "ffn" and r.name == "MLA" else r.name
+def sweep_runs(s: Setting) -> list[Run]:
+    """Every swept variant at seed s.seeds[0] and each learning rate."""
+    return [Run(k, s.lr * f, s.seeds[0]) for k, v in VARIANTS.items() if v.swept for f in s.lr_factors]
 
 
-def _smooth(xs: list[float], window: int) -> list[float]:
-    """Trailing mean over `window` steps (shorter at the start)."""
-    return [sum(xs[max(0, i + 1 - window):i + 1]) / min(window, i + 1) for i in range(len(xs))]
+def best_lrs(s: Setting, done: dict[str, dict]) -> dict[str, float]:
+    """Each swept variant's learning rate of least validation loss, once its whole sweep has finished."""
+    best = {}
+    for k, v in VARIANTS.items():
+        sweep = [done.get(r.name) for r in sweep_runs(s) if r.variant == k]
+        if v.swept and all(sweep):
+            best[k] = min(sweep, key=lambda rec: rec["val_loss"])["lr"]
+    return best
 
 
-def plot(results: list[Result], path: Path) -> None:
-    """Training loss (smoothed) and validation loss per step, one panel per ablation; a run keeps its colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    lo, hi = math.inf, -math.inf
-    for ax, (name, title) in zip(axes, TABLES.items()):
-        for i, r in enumerate(results):
-            if name not in r.tables:
-                continue
-            smooth = _smooth(r.train_loss, max(1, len(r.train_loss) // 30))
-            steps, val = zip(*r.val_curve)
-            ax.plot(range(1, len(smooth) + 1), smooth, color=f"C{i}", lw=1, alpha=0.7)
-            ax.plot(steps, val, "o--", color=f"C{i}", ms=4, label=f"{label(r, name)}: {r.bpb:.4f} bits/byte")
-            tail = smooth[len(smooth) // 5:]  # past the first drop, where the runs differ
-            lo, hi = min(lo, *val, *tail), max(hi, *tail)
-        ax.set(xlabel="step", title=title)
-        ax.legend()
-    axes[0].set(ylabel="nats / token (line: training, dots: validation)", ylim=(lo - 0.05 * (hi - lo), hi))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def edge_runs(s: Setting, done: dict[str, dict]) -> list[Run]:
+    """A check, not a choice: seed 0 one step (x2) beyond the sweep for each variant whose best lies at its edge."""
+    low, high = s.lr * min(s.lr_factors), s.lr * max(s.lr_factors)
+    return [Run(k, lr / 2 if lr == low else lr * 2, s.seeds[0]) for k, lr in best_lrs(s, done).items()
+            if lr in (low, high)]
 
 
-def write_docs(results: list[Result], s: Setting, prepared: Prepared, docs: Path, command: str,
-               corpus: str) -> Path:
-    """DOCS/ablation.md (setting, tables, discussion) and DOCS/ablation.png; -> the .md path."""
-    docs.mkdir(parents=True, exist_ok=True)
-    plot(results, docs / "ablation.png")
-    tokens = s.steps * s.batch * s.seq_len
-    minutes = sum(r.seconds for r in results) / 60
-    text = [
-        "# Ablation: MLA against MHA/GQA/MQA, DeepSeekMoE against GShard and dense", "",
-        f"Regenerate this file, the tables and `ablation.png` ({minutes:.1f} minutes here):", "",
-        "```", command, "```", "",
-        f"Every run: hidden {s.hidden}, {s.layers} layers, {s.heads} heads of dim {s.head_dim}, {s.steps} steps x "
-        f"{s.batch} x {s.seq_len} = {tokens / 1e6:.2f}M training tokens of {corpus}, byte-level BPE of vocabulary "
-        f"{s.vocab}, the same data order; the `small` preset's AdamW, peak lr, warm-up and step schedule; float32, "
-        f"seed 0. The final validation covers the whole held-out split ({prepared.val.num_tokens} tokens, "
-        f"{prepared.val.num_bytes} bytes); bits per byte do not depend on the tokenizer. Activated parameters leave "
-        f"out the input embedding (the output head counts). KV cache: values per token per layer, and bytes at "
-        f"{KV_DTYPE}; a token's whole cache is {s.layers} times that. Measured on: {machine_line()}.", "",
-        f"## {TABLES['attention']}", "",
-        f"The dense FFN of MHA/GQA/MQA is widened from {s.ffn} so their activated parameters match MLA's.", "",
-        table(results, "attention"), "",
-        f"## {TABLES['ffn']}", "",
-        f"Activated FFN width {s.ffn} in every run; MoE in every layer.", "",
-        table(results, "ffn"), "",
-        "![training and validation loss of every run](ablation.png)", "",
-        "## Discussion", "", *discussion(results, s), "",
-    ]
-    path = docs / "ablation.md"
-    path.write_text("\n".join(text))
-    return path
+def final_runs(s: Setting, best: dict[str, float]) -> list[Run]:
+    """The remaining seeds of every swept variant at its best lr; every seed of the recipe variants at DeepSeekMoE's."""
+    runs = [Run(k, lr, seed) for k, lr in best.items() for seed in s.seeds[1:]]
+    if RECIPE_LR_FROM in best:
+        runs += [Run(k, best[RECIPE_LR_FROM], seed) for k, v in VARIANTS.items() if not v.swept for seed in s.seeds]
+    return runs
+
+
+def run_ablation(s: Setting, out: Path, data: list[str], workers: int = 2) -> int:
+    """The sweep, the seeds, then the edge checks; every run saved under OUT/runs (data [] = the standard library),
+    the setting in OUT/setting.json; -> runs trained."""
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "setting.json").write_text(json.dumps(dataclasses.asdict(s), indent=1) + "\n")
+    prepare_data(train_config(s, data), out)  # once, before the workers: they reuse the packed shards
+    trained = execute(s, sweep_runs(s), data, out, workers)
+    best = best_lrs(s, load_runs(out))
+    print("best learning rates: " + ", ".join(f"{VARIANTS[k].label} {lr:g}" for k, lr in best.items()), flush=True)
+    trained += execute(s, final_runs(s, best), data, out, workers)
+    return trained + execute(s, edge_runs(s, load_runs(out)), data, out, workers)
+
+
+def saved_setting(out: Path, default: Setting) -> Setting:
+    """The setting OUT's runs were trained in (OUT/setting.json), or `default` for an OUT without one."""
+    path = out / "setting.json"
+    if not path.exists():
+        return default
+    fields = json.loads(path.read_text())
+    return Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def main(argv: list[str] | None = None) -> None:
+    import ablation_report
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help=f"a tiny setting for smoke tests: hidden {QUICK.hidden}, {QUICK.layers} layers, seq "
@@ -360,31 +379,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, help=f"steps per run (default {Setting().steps}; {QUICK.steps} with --quick)")
     p.add_argument("--vocab-size", type=int, help=f"BPE vocabulary (default {Setting().vocab}; {QUICK.vocab} with "
                                                   "--quick); a small corpus may need less")
+    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one thread each (default 2)")
     p.add_argument("--data", nargs="+", help="corpus files or folders (default: the Python standard library)")
     p.add_argument("--out", help=f"runs and packed data (default {BENCH_DIR / 'ablation'}, or ablation-quick)")
     p.add_argument("--docs", help="folder for ablation.md and ablation.png (default docs/; --out with --quick)")
-    p.add_argument("--from-results", action="store_true", help="no training: rewrite the tables, docs and plot "
-                                                                 "from OUT/results.json of an earlier run")
+    p.add_argument("--from-results", action="store_true", help="no training: re-render the tables, docs and plot "
+                                                                 "from the runs saved under OUT/runs")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("steps", args.steps), ("vocab", args.vocab_size)) if v is not None}
     s = dataclasses.replace(QUICK if args.quick else Setting(), **overrides)
     data = args.data or ([str(Path(sysconfig.get_paths()["stdlib"]) / "json")] if args.quick else [])
     out = Path(args.out or BENCH_DIR / ("ablation-quick" if args.quick else "ablation"))
     docs = Path(args.docs or (out if args.quick else Path(__file__).resolve().parent.parent / "docs"))
-    print(machine_line())
+    torch.set_num_threads(1)
+    print(machine_line(), flush=True)
     if args.from_results:
-        results = [Result(**{**r, "tables": tuple(r["tables"])}) for r in json.loads((out / "results.json").read_text())]
-        prepared = prepare_data(train_config(s, {}, data), out)
+        s = saved_setting(out, s)
     else:
-        results, prepared = run_ablation(s, out, data)
-    for name, title in TABLES.items():
-        print(f"\n{title}, {s.steps} steps x {s.batch} x {s.seq_len} tokens:")
-        print(table(results, name))
+        start = time.time()
+        trained = run_ablation(s, out, data, args.workers)
+        ablation_report.log_session(out, start, time.time(), trained, args.workers)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--from-results"]
     command = shlex.join(["python", "bench/ablation.py", *given])
     corpus = ", ".join(data) if data else "the Python standard library (*.py)"
-    print(f"\nwrote {write_docs(results, s, prepared, docs, command, corpus)} and {docs / 'ablation.png'}")
+    print(ablation_report.render(s, out, docs, command, corpus))
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before the workers spawn: one thread each
     main()

@@ -12,7 +12,7 @@ import torch
 from openseek.config import ModelConfig
 from openseek.model import Transformer
 from openseek.model.moe import MoE, Router
-from openseek.train.moe_recipe import MoERecipe
+from openseek.train.moe_recipe import MoERecipe, max_violation
 
 B, S, E, K, G, M = 2, 4, 8, 2, 4, 2  # 2 sequences x 4 tokens, 8 experts, top-2, 4 devices, limit 2
 
@@ -244,6 +244,30 @@ def test_stats_match_hand_counts():
     assert st["load_cv"] == pytest.approx(std / mean)
     assert st["load_max_over_mean"] == pytest.approx(max(load) / mean)
     assert st["dropped_fraction"] == 0.0
+
+
+def test_max_violation_is_max_over_mean_minus_one():
+    loads = torch.tensor([[3, 1, 0, 4], [2, 2, 2, 2], [0, 0, 0, 0]])  # means 2, 2, 0
+    torch.testing.assert_close(max_violation(loads), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_maxvio_per_batch_and_per_sequence_over_two_forwards_match_hand_counts():
+    first, second = hand_logits(B * S, seed=6), hand_logits(B * S, seed=7)
+    moe, x = moe_with_logits(tiny_cfg(), first)
+    recipe = MoERecipe()
+    recipe.install(moe)
+    moe(x)
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.tensor(second).T)
+    moe(x)  # no reset(): the second forward's sequences join the first's
+    seqs = [rows[b * S:(b + 1) * S] for rows in (first, second) for b in range(B)]
+    loads = [py_loads(rows) for rows in seqs]
+    batch = [sum(col) for col in zip(*loads)]
+    vio = [max(v) / (sum(v) / E) - 1 for v in loads]
+    st = recipe.stats()[""]
+    assert st["maxvio_batch"] == pytest.approx(max(batch) / (sum(batch) / E) - 1)
+    assert st["maxvio_seq"] == pytest.approx(sum(vio) / len(vio))
+    assert st["maxvio_seq"] > st["maxvio_batch"] > 0  # a sequence of S tokens is lumpier than the whole batch
 
 
 def test_install_on_transformer_sums_layers_and_remove_detaches():

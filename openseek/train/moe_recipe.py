@@ -27,11 +27,19 @@ log = logging.getLogger(__name__)
 LOSS_NAMES = ("expert_balance", "device_balance", "comm_balance", "seq_balance")
 
 
+def max_violation(load_XE: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's MaxVio of expert loads (..., E): max_i load_i / mean_i load_i - 1 (0: perfectly balanced)."""
+    load_XE = load_XE.double()
+    mean_X = load_XE.mean(-1)
+    return torch.where(mean_X > 0, load_XE.amax(-1) / mean_X.clamp(min=1e-12) - 1, torch.zeros_like(mean_X))
+
+
 @dataclass(slots=True)
 class _LayerRecord:
     """What one MoE layer saw since reset(): its losses (latest forward), loads and dropped pairs."""
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     load_E: torch.Tensor | None = None  # (token, expert) pairs selected per expert, before dropping
+    load_BE: torch.Tensor | None = None  # the same per sequence, the sequences of every forward stacked
     dropped: torch.Tensor | None = None
     pairs: int = 0
 
@@ -140,13 +148,16 @@ class MoERecipe:
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per layer, over the forwards since reset(): load max/mean, CV of per-expert counts, dead experts, drops."""
+        """Per layer, over the forwards since reset(): load max/mean, CV of per-expert counts, dead experts, drops,
+        and V3's MaxVio of the whole batch and of each sequence (averaged over the sequences)."""
         out = {}
         for name, rec in self._records.items():
             load_E = rec.load_E.double()
             mean = load_E.mean()
             out[name] = {
                 "load_max_over_mean": (load_E.max() / mean).item() if mean > 0 else 0.0,
+                "maxvio_batch": max_violation(load_E).item(),
+                "maxvio_seq": max_violation(rec.load_BE).mean().item(),
                 "load_cv": (load_E.std(correction=0) / mean).item() if mean > 0 else 0.0,  # population std
                 "dead_experts": float((load_E == 0).sum().item()),
                 "dropped_fraction": rec.dropped.item() / rec.pairs if rec.pairs else 0.0,
@@ -184,6 +195,10 @@ class MoERecipe:
         rec.losses = self._losses(scores_NE.view(B, S, E), ids_NK.view(B, S, -1))
         load_E = torch.bincount(ids_NK.flatten(), minlength=E).detach()
         rec.load_E = load_E if rec.load_E is None else rec.load_E + load_E
+        ids_BJ = ids_NK.detach().reshape(B, -1)  # (B, S*K): the experts each sequence's tokens chose
+        load_BE = torch.zeros(B, E, dtype=load_E.dtype, device=ids_BJ.device).scatter_add_(1, ids_BJ,
+                                                                                             torch.ones_like(ids_BJ))
+        rec.load_BE = load_BE if rec.load_BE is None else torch.cat([rec.load_BE, load_BE])
         if self.bias_update_speed > 0 and moe.training:  # only training tokens move the bias, not validation's
             prev = self._bias_load.get(name)
             self._bias_load[name] = load_E if prev is None else prev + load_E
