@@ -144,16 +144,9 @@ def from_cpu_int4(packed: torch.Tensor, rows: int) -> torch.Tensor:
 # ---- the weight object -------------------------------------------------------------------------------------------
 
 class QuantizedMath:
-    """The arithmetic of a quantised (..., O, I) weight, over its int values `qweight` and their `scale`s.
-    `dtype` is the float type it stands for (dequantize()'s). The kernels (ops.py) call matmul_packed() and
-    dequantize()."""
-
-    scheme: str
-    shape: tuple[int, ...]
-    group_size: int | None
-    dtype: torch.dtype
-    qweight: torch.Tensor
-    scale: torch.Tensor
+    """The arithmetic of a quantised (..., O, I) weight over the attributes its holders define (QuantizedParts'
+    fields): `scheme`, `shape`, `group_size`, `dtype` (the float type it stands for, dequantize()'s), the int
+    values `qweight` and their `scale`s. The kernels (ops.py) call matmul_packed() and dequantize()."""
 
     def scales(self, index: int | None = None) -> torch.Tensor:
         """The scales of matrix `index`: (O,) for int8, (O, G) for int4."""
