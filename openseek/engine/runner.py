@@ -16,11 +16,11 @@ from ..model.batch import ForwardBatch
 from ..model.ops import COMPILED
 from .scheduler import ScheduledBatch
 
-# inductor's settings for the decode graph, each measured by bench/decode_ab.py (bench checkpoint, 1 thread):
+# inductor's settings for the decode graph (what they bought, with this file's other changes of 2026-11-30, is in
+# bench/results/measured.md; the per-change decode_ab ratios there are upper bounds on a shared machine):
 # - realize_reads_threshold 0: a pointwise result read by two consumers is stored, not inlined into both. Inlined,
-#   an RMSNorm's arithmetic ran inside the q / kv_a projections' multiply-and-sum loops, once per weight row:
-#   float32 1.11x, bf16 1.09x, int8 1.18x faster stored.
-# - floating-point contraction: the loops' multiply and add as one FMA (int8 1.04x).
+#   an RMSNorm's arithmetic ran inside the q / kv_a projections' multiply-and-sum loops, once per weight row.
+# - floating-point contraction: the loops' multiply and add as one FMA.
 DECODE_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "realize_reads_threshold": 0,
                            "cpp.enable_floating_point_contract_flag": "fast"}
 
@@ -134,8 +134,8 @@ class ModelRunner:
         """The compiled decode's logits; None, and eager from then on, where it fails (no C++ compiler, an op
         inductor cannot lower): eager is always right."""
         try:
-            # float attributes (eps, softmax_scale) as constants, not graph inputs each guarded by a Python lambda:
-            # bundled model 1.13x, bench checkpoint 1.07x (decode_ab, float32, 1 thread)
+            # float attributes (eps, softmax_scale) as constants, not graph inputs each guarded by a Python lambda
+            # checked every step (54 lambda guards -> 16 on the bundled model)
             with torch._dynamo.config.patch(specialize_float=True):
                 return self._decode(torch.tensor(step.ids, dtype=torch.long, device=self.kv_cache[0].device),
                                     self.forward_batch(step))
