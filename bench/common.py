@@ -6,6 +6,7 @@ needs itself, since nothing can be downloaded. Imports of transformers happen in
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -177,3 +178,13 @@ def machine_line() -> str:
 def load_average() -> float:
     """The 1-minute load average: above the core count, other processes are taking time from the one measured."""
     return os.getloadavg()[0]
+
+
+def kernel_bench_args(doc: str) -> argparse.Namespace:
+    """--threads (set here) and --repeats, what the per-kernel benchmarks take; doc: the script's docstring."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

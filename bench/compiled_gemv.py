@@ -11,11 +11,10 @@ and lm_head. Read rate = the weight's bytes / time; ratio = the eager kernel's t
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from common import machine_line, markdown_table, time_interleaved
+from common import kernel_bench_args, machine_line, markdown_table, time_interleaved
 
 from openseek.model import ops
 from openseek.model.quant import QuantizedWeight
@@ -43,11 +42,7 @@ def nbytes(w: torch.Tensor | QuantizedWeight) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=7)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = kernel_bench_args(__doc__)
     torch._dynamo.config.recompile_limit = 64
     print(machine_line())
     compiled = {name: torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})

@@ -168,3 +168,21 @@ def test_compiled_head_bmm_matches_bmm(dtype, M):
     got = ops.head_bmm_compiled(x, w)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, atol=1e-2 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("G", [1, 4], ids=["int8-per-row", "int4-groups"])
+def test_compiled_head_bmm_on_int_values_and_block_scales_matches_bmm(G):
+    """MLA's absorbed weights of a quantised wkv_b as int values and scales (mla.MLA._absorb_int8): W_UK^T's scales
+    vary along the summed dim and are grouped along the output, W_UV's the other way round."""
+    g = torch.Generator().manual_seed(G)
+    H, Q, C = 3, 16, 32
+    q = torch.randint(-8, 8, (H, 2 * Q, C), dtype=torch.int8, generator=g)  # (H, Q + U, C) as wkv_b holds them
+    s = torch.rand(H, 2 * Q, G, generator=g) + 0.5
+    w = (q.float().view(H, 2 * Q, G, -1) * s[..., None]).view(H, 2 * Q, C)
+    cases = [(torch.randn(H, 1, Q, generator=g), w[:, :Q], q[:, :Q].transpose(1, 2), s[:, :Q].transpose(1, 2)),
+             (torch.randn(H, 1, C, generator=g), w[:, Q:].transpose(1, 2), q[:, Q:], s[:, Q:])]
+    for x, w_HKN, q_HNK, s_HGG in cases:
+        want = torch.bmm(x.double(), w_HKN.double())
+        got = ops.head_bmm_compiled(x, w_HKN, (q_HNK.contiguous(), s_HGG.contiguous()))
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=0)

@@ -90,8 +90,10 @@ def test_quantised_experts_match_the_reference_and_touch_only_the_chosen(scheme,
     weights = torch.rand(N, K)
     want = experts_reference(w1, w2, w3, x.float(), weights, ids)
     touched = set()
-    packed = QuantizedWeight.matmul_packed
+    packed, indexed = QuantizedWeight.matmul_packed, QuantizedWeight.matmul_indexed
     monkeypatch.setattr(QuantizedWeight, "matmul_packed", lambda self, x, e=None: touched.add(e) or packed(self, x, e))
+    monkeypatch.setattr(QuantizedWeight, "matmul_indexed",  # openseek's int4 kernel: every pair in one call
+                        lambda self, x, ids: touched.update(ids.tolist()) or indexed(self, x, ids))
     got = experts_inference(w1, w2, w3, x, weights, ids)
     assert got.dtype == dtype and touched == set(ids.flatten().tolist())
     torch.testing.assert_close(got.float(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
@@ -190,6 +192,25 @@ def test_convert_then_load_gives_the_logits_of_quantise_on_load(tiny, tmp_path, 
     with torch.no_grad():
         want = openseek.load_pretrained(tiny, quantization=scheme, group_size=group or 128)(ids)
         assert torch.equal(openseek.load_pretrained(dst)(ids), want)
+
+
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_absorbed_int_copies_are_exactly_the_float_ones(tiny, scheme, group):
+    """A quantised wkv_b's absorbed W_UK / W_UV^T also kept as its int values and scales, which COMPILED reads:
+    q * s must be the float copy bit for bit, so eager and compiled decode read one weight."""
+    model = openseek.load_pretrained(tiny, quantization=scheme, group_size=group)
+    model.absorb_weights()
+    attn = model.layers[0].attn
+    H, C = attn.n_heads, attn.kv_lora_rank
+    G = attn.w_uk_scale.shape[1]
+    assert attn.w_uk_int8.dtype == torch.int8 and G == (1 if scheme == "int8" else C // group)
+    uk = attn.w_uk_int8.float().unflatten(1, (G, -1)) * attn.w_uk_scale[:, :, None]  # (H, G, C / G, Q)
+    uv = attn.w_uv_int8.float().unflatten(2, (G, -1)) * attn.w_uv_scale[..., None]  # (H, U, G, C / G)
+    assert torch.equal(uk.flatten(1, 2).transpose(1, 2), attn.w_uk)
+    assert torch.equal(uv.flatten(2).transpose(1, 2), attn.w_uv_t)
+    float_model = openseek.load_pretrained(tiny)
+    float_model.absorb_weights()
+    assert float_model.layers[0].attn.w_uk_int8 is None and float_model.layers[0].attn.w_uv_scale is None
 
 
 # ---- the engine -------------------------------------------------------------------------------------------------

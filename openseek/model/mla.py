@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from .batch import ForwardBatch
 from .layers import Linear, RMSNorm, apply_rope
 from .ops import TRAINING, Kernels
+from .quant import QuantizedWeight
 
 
 PREFILL_ABSORB_RATIO = 4  # prefill chunks this many times shorter than their context use the absorbed path
@@ -41,9 +42,10 @@ class MLA(nn.Module):
         self.wkv_b = Linear(C, H * (self.nope_dim + self.v_dim))
         self.wo = Linear(H * self.v_dim, D)
         self.softmax_scale = cfg.softmax_scale
-        # the absorbed path's W_UK (H, Q, C) and W_UV^T (H, C, U): derived from wkv_b by absorb_weights, not saved
-        self.register_buffer("w_uk", None, persistent=False)
-        self.register_buffer("w_uv_t", None, persistent=False)
+        # the absorbed path's W_UK (H, Q, C) and W_UV^T (H, C, U): derived from wkv_b by absorb_weights, not saved;
+        # for a quantised wkv_b also as its int values and scales (absorb_weights says how they are laid out)
+        for name in ("w_uk", "w_uv_t", "w_uk_int8", "w_uk_scale", "w_uv_int8", "w_uv_scale"):
+            self.register_buffer(name, None, persistent=False)
 
     def absorb_weights(self, kernels: Kernels = TRAINING) -> None:
         """Build W_UK and W_UV^T out of wkv_b, stored as vLLM's W_UK_T and W_UV, at the memory cost of one more
@@ -57,6 +59,20 @@ class MLA(nn.Module):
         # layout (21 against 10.6 GB/s on V2-Lite's shapes, 1 thread); torch.bmm reads the views in place
         self.w_uk = w[:, :Q].transpose(1, 2).contiguous().transpose(1, 2)  # (H, Q, C), stored (H, C, Q)
         self.w_uv_t = w[:, Q:].contiguous().transpose(1, 2)  # (H, C, U), stored (H, U, C)
+        self.w_uk_int8 = self.w_uk_scale = self.w_uv_int8 = self.w_uv_scale = None
+        if isinstance(self.wkv_b.weight, QuantizedWeight):
+            self._absorb_int8(H, Q, C)
+
+    def _absorb_int8(self, H: int, Q: int, C: int) -> None:
+        """W_UK and W_UV^T once more as a quantised wkv_b holds them: its int values (int8, or int4 values one to a
+        byte), stored as the float copies are, and float32 scales, one per block of rows and columns of the stored
+        (H, N, K) matrix: (H, G, Q) for W_UK^T (C, Q), (H, U, G) for W_UV (U, C), G the groups of C (1 for int8).
+        q * s is exactly the float copy, in a quarter of float32's bytes: COMPILED's one-row products read these
+        (ops.head_bmm_compiled), a quantised model's decode otherwise reading more bytes here than in its experts."""
+        q, s = self.wkv_b.weight.quantized()  # (H * (Q + U), C), (H * (Q + U),) or (H * (Q + U), G)
+        q, s = q.view(H, -1, C), s.float().view(H, q.shape[0] // H, -1)  # (H, Q + U, C), (H, Q + U, G)
+        self.w_uk_int8, self.w_uk_scale = q[:, :Q].transpose(1, 2).contiguous(), s[:, :Q].transpose(1, 2).contiguous()
+        self.w_uv_int8, self.w_uv_scale = q[:, Q:].contiguous(), s[:, Q:].contiguous()
 
     def project_q(self, x: torch.Tensor, freqs_cis: torch.Tensor,
                   kernels: Kernels = TRAINING) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +110,8 @@ class MLA(nn.Module):
                                "after loading or changing the weights (the engine's ModelRunner does)")
         H, C = self.n_heads, self.kv_lora_rank
         B, S = q_nope.shape[:2]
-        q_lat = kernels.head_bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), self.w_uk)  # (H, B*S, C)
+        int8_uk = None if self.w_uk_int8 is None else (self.w_uk_int8, self.w_uk_scale)
+        q_lat = kernels.head_bmm(q_nope.reshape(B * S, H, -1).transpose(0, 1), self.w_uk, int8_uk)  # (H, B*S, C)
         q = torch.cat((q_lat.transpose(0, 1).view(B, S, H, C), q_pe), dim=-1)  # (B, S, H, C + R)
         scores = torch.bmm(q.reshape(B, S * H, -1), latents.transpose(1, 2)) * self.softmax_scale  # (B, S*H, T)
         scores = scores.view(B, S, H, -1)  # (B, S, H, T)
@@ -103,7 +120,8 @@ class MLA(nn.Module):
         p = scores.softmax(-1, dtype=torch.float32)  # (B, S, H, T)
         p = p if p.dtype == q.dtype else p.to(q.dtype)
         o_lat = torch.bmm(p.view(B, S * H, -1), latents[..., :C]).view(B * S, H, C)  # (B*S, H, C)
-        o = kernels.head_bmm(o_lat.transpose(0, 1), self.w_uv_t)  # (H, B*S, U)
+        int8_uv = None if self.w_uv_int8 is None else (self.w_uv_int8, self.w_uv_scale)
+        o = kernels.head_bmm(o_lat.transpose(0, 1), self.w_uv_t, int8_uv)  # (H, B*S, U)
         return o.transpose(0, 1).reshape(B, S, H, -1)  # (B, S, H, U)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: ForwardBatch | None = None,

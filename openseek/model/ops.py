@@ -4,7 +4,8 @@ A forward's entry point picks one kernel set and passes it down: the dense forwa
 TRAINING, the paged forward the batch's set (INFERENCE unless the engine names another: COMPILED for decode steps
 under torch.compile). Modules call `kernels.linear`, `.rms_norm`, `.attention`, `.routed_experts`, `.rope` and
 never inspect grad mode, dtype or device: that happens here. A weight is a tensor or a QuantizedWeight (quant.py): every `linear` and `routed_experts` takes both,
-the reference and training ones by dequantising, INFERENCE's through PyTorch's weight-only CPU kernels.
+the reference and training ones by dequantising, INFERENCE's through the weight-only CPU kernels (PyTorch's, and
+openseek's int4 one where cpu_kernels.py built it).
 
 Shapes: B batch, H heads, S query tokens, T key tokens, N tokens (flattened), D model dim, F expert hidden dim,
 E routed experts, K experts per token, M (token, expert) rows of the grouped GEMMs, padding included.
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .quant import QuantizedParts, QuantizedWeight
 
 Tensor = torch.Tensor
@@ -48,14 +50,14 @@ def linear_dense(x: Tensor, weight: Tensor | QuantizedWeight) -> Tensor:
 
 
 def linear_quantized(x: Tensor, weight: QuantizedWeight, index: int | None = None) -> Tensor:
-    """x W^T for matrix `index` of a quantised weight: PyTorch's packed CPU kernels for few rows, on bf16
-    activations (their float32 path reads int8 weights at a tenth of the speed, int4 at a thirtieth); many rows,
-    or another device, dequantise and run a GEMM in x's dtype."""
+    """x W^T for matrix `index` of a quantised weight: the packed CPU kernels for few rows, on the activation
+    dtype they take (QuantizedMath.kernel_dtype); many rows, or another device, dequantise and run a GEMM in x's
+    dtype."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows >= PACKED_MAX_ROWS or autocast_dtype(x) is not None:
         return F.linear(x, weight.dequantize(index, x.dtype))
     # contiguous: the kernels refuse a strided A, which a bf16 model's split latents are (no cast to copy them)
-    y = weight.matmul_packed(x.reshape(rows, -1).to(torch.bfloat16).contiguous(), index)  # (rows, O)
+    y = weight.matmul_packed(x.reshape(rows, -1).to(weight.kernel_dtype).contiguous(), index)  # (rows, O)
     return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
@@ -89,12 +91,27 @@ def linear_compiled(x: Tensor, weight: Tensor | QuantizedWeight) -> Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def head_bmm_compiled(x_HMK: Tensor, w_HKN: Tensor) -> Tensor:
-    """COMPILED's per-head matmul (MLA's absorbed W_UK and W_UV^T): one row per head as a multiply-and-sum, read
-    in place as linear_compiled reads its weight; more rows as torch.bmm."""
+def head_bmm(x_HMK: Tensor, w_HKN: Tensor, int8: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The per-head matmul of MLA's absorbed W_UK and W_UV^T: torch.bmm on the float weight (int8 is for
+    head_bmm_compiled)."""
+    return torch.bmm(x_HMK, w_HKN)
+
+
+def head_bmm_compiled(x_HMK: Tensor, w_HKN: Tensor, int8: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """COMPILED's head_bmm: one row per head as a multiply-and-sum, read in place as linear_compiled reads its
+    weight; more rows as torch.bmm. int8: the same weight as a quantised model's int values stored (H, N, K) and
+    float scales (H, Gn, Gk), one per block of N / Gn rows and K / Gk columns (mla.MLA._absorb_int8), read for
+    one row instead of the float copy: a quarter of its bytes."""
     if x_HMK.shape[1] != 1:
         return torch.bmm(x_HMK, w_HKN)
-    return (x_HMK.transpose(1, 2).float() * w_HKN.float()).sum(1, keepdim=True).to(x_HMK.dtype)  # (H, 1, N)
+    if int8 is None:
+        return (x_HMK.transpose(1, 2).float() * w_HKN.float()).sum(1, keepdim=True).to(x_HMK.dtype)  # (H, 1, N)
+    q_HNK, scale = int8  # scale (H, Gn, Gk)
+    (H, N, K), (Gn, Gk) = q_HNK.shape, scale.shape[1:]
+    x = x_HMK.float().view(H, 1, 1, Gk, K // Gk)
+    # each block's int sums, then its scale: (H, Gn, N / Gn, Gk) partial sums
+    partial = (x * q_HNK.view(H, Gn, N // Gn, Gk, K // Gk).float()).sum(-1)
+    return (partial * scale.view(H, Gn, 1, Gk)).sum(-1).view(H, 1, N).to(x_HMK.dtype)  # (H, 1, N)
 
 
 # ---- RMSNorm: weight * x / rms(x) ----------------------------------------------------------------------------
@@ -305,7 +322,10 @@ def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWei
         return swiglu(x, w1, w2, w3, lambda x, w: linear_quantized(x, w, e), gate)
 
     N, K = ids_NK.shape
-    if N == 1 and x_ND.device.type == "cpu" and autocast_dtype(x_ND) is None:
+    packed = x_ND.device.type == "cpu" and autocast_dtype(x_ND) is None
+    if packed and w1.scheme == "int4" and cpu_kernels.int4_loaded() and N * K < PACKED_MAX_ROWS:
+        return _experts_int4_indexed(w1, w2, w3, x_ND, weights_NK, ids_NK)
+    if packed and N == 1:
         return _experts_packed_one_token(w1, w2, w3, x_ND, weights_NK, ids_NK)
     if N == 1:
         ys_KD = torch.cat([expert(x_ND, e) for e in ids_NK[0].tolist()])
@@ -321,13 +341,25 @@ def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWei
 def _experts_packed_one_token(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, x_ND: Tensor,
                               weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
     """experts_quantized's batch-1 decode straight on the packed kernels: the same values as its loop through
-    linear_quantized, with the bf16 cast of x made once and no per-call checks (half its time was dispatch)."""
-    dtype, x_1D = x_ND.dtype, x_ND.to(torch.bfloat16).contiguous()
+    linear_quantized, with the cast of x made once and no per-call checks (half its time was dispatch)."""
+    dtype, x_1D = x_ND.dtype, x_ND.to(w1.kernel_dtype).contiguous()
     ys = []
     for e in ids_NK[0].tolist():
         h_1F = F.silu(w1.matmul_packed(x_1D, e).to(dtype)) * w3.matmul_packed(x_1D, e).to(dtype)
-        ys.append(w2.matmul_packed(h_1F.to(torch.bfloat16), e))
+        ys.append(w2.matmul_packed(h_1F.to(w2.kernel_dtype), e))
     return torch.mm(weights_NK.to(dtype), torch.cat(ys).to(dtype)).to(dtype)  # (1, D)
+
+
+def _experts_int4_indexed(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, x_ND: Tensor,
+                          weights_NK: Tensor, ids_NK: Tensor) -> Tensor:
+    """experts_quantized on int4 stacks for few tokens: every (token, expert) pair's rows in three calls of
+    openseek's indexed kernel (cpu_kernels.py), float32 throughout, no Python per expert."""
+    N, K = ids_NK.shape
+    ids_M = ids_NK.flatten()  # (M = N*K,)
+    x_MD = x_ND.float().repeat_interleave(K, 0)  # each token once per expert it chose
+    h_MF = F.silu(w1.matmul_indexed(x_MD, ids_M)) * w3.matmul_indexed(x_MD, ids_M)
+    ys_NKD = w2.matmul_indexed(h_MF, ids_M).view(N, K, -1)
+    return (ys_NKD * weights_NK[..., None].float()).sum(1).to(x_ND.dtype)  # (N, D)
 
 
 @torch.library.custom_op("openseek::experts_quantized", mutates_args=())
@@ -379,7 +411,8 @@ class Kernels:
     # (w1, w2, w3, x_ND, weights_NK, ids_NK); the experts stacked: w1, w3 (E, F, D), w2 (E, D, F)
     routed_experts: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     dense: Callable[[Tensor], Tensor] = dense  # a stored weight as a float tensor (MLA derives W_UK / W_UV from it)
-    head_bmm: Callable[[Tensor, Tensor], Tensor] = torch.bmm  # (H, M, K) @ (H, K, N): MLA's absorbed W_UK, W_UV^T
+    # (H, M, K) @ (H, K, N), optionally also given as int values and scales: MLA's absorbed W_UK, W_UV^T
+    head_bmm: Callable[[Tensor, Tensor, tuple[Tensor, Tensor] | None], Tensor] = head_bmm
     rope: Callable[[Tensor, Tensor], Tensor] | None = None  # (x, freqs_cis); None: layers.apply_rope
 
 

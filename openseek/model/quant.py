@@ -13,7 +13,8 @@ keeps the bound exact.
 In memory a QuantizedWeight holds int8 weights as they are and int4 weights in the layout of PyTorch's CPU kernel
 (`torch._convert_weight_to_int4pack_for_cpu`: blocks of 64 rows, each stored column-major with rows n and n + 32
 in one byte; the last partial block pairs adjacent rows), rows padded to a multiple of 16 (the kernel's N
-granularity). Stacked experts are one QuantizedWeight with leading dims (E, out, in).
+granularity), which openseek's own int4 kernel (cpu_kernels.py) reads too. Stacked experts are one QuantizedWeight
+with leading dims (E, out, in).
 
 Shapes: E experts (a leading dim of stacked weights), O output features, I input features, G groups (I / group).
 """
@@ -26,6 +27,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from . import cpu_kernels
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel takes
@@ -170,13 +173,28 @@ class QuantizedMath:
             return (q.float() * s.float()[:, None]).to(dtype)
         return (q.float().unflatten(-1, (-1, self.group_size)) * s.float()[..., None]).flatten(-2).to(dtype)
 
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        """The activations' dtype matmul_packed takes: float32 for openseek's int4 kernel, bf16 for PyTorch's
+        (their float32 paths read int8 weights at a tenth of the speed, int4 at a thirtieth)."""
+        return torch.float32 if self.scheme == "int4" and cpu_kernels.int4_loaded() else torch.bfloat16
+
     def matmul_packed(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """x (M, I) bf16 -> x W^T (M, O) bf16 through PyTorch's CPU weight-only kernels."""
+        """x (M, I) contiguous, of kernel_dtype -> x W^T (M, O) through the CPU weight-only kernels: openseek's for
+        int4 where it is built (cpu_kernels.py), PyTorch's otherwise. The output is float32 or bf16."""
         qw = self.qweight if index is None else self.qweight[index]
         sc = self.scale if index is None else self.scale[index]
         if self.scheme == "int8":
             return torch._weight_int8pack_mm(x, qw, sc)
+        if cpu_kernels.int4_loaded():
+            return torch.ops.openseek_cpu.int4_mm(x, qw, sc, self.group_size)[:, : self.shape[-2]]
         return torch._weight_int4pack_mm_for_cpu(x, qw, self.group_size, sc)[:, : self.shape[-2]]
+
+    def matmul_indexed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row m of x (M, I) times matrix ids[m] of this int4 stack -> (M, O) float32, in one call of openseek's
+        kernel (only where cpu_kernels.int4_loaded())."""
+        return torch.ops.openseek_cpu.int4_mm_indexed(x, self.qweight, self.scale, ids, self.group_size)[
+            :, : self.shape[-2]]
 
 
 @dataclass(frozen=True)
@@ -200,6 +218,8 @@ class QuantizedWeight(QuantizedMath, nn.Module):
                  device: torch.device | str = "meta"):
         super().__init__()
         self.scheme, self.shape, self.group_size, self.dtype = scheme, tuple(shape), group_size, dtype
+        if scheme == "int4":
+            cpu_kernels.load_int4()  # built now (once per machine), never inside a compiled trace
         *lead, O, I = shape
         if scheme == "int8":
             self.register_buffer("qweight", torch.empty(*lead, O, I, dtype=torch.int8, device=device))
