@@ -72,8 +72,9 @@ def load(path: Path, fmt: str, max_model_len: int, compile: bool = False) -> ope
                         compile=compile)
 
 
-def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes the weights hold, bytes one decode token reads: routed experts at K/E, the embedding one row)."""
+def weight_bytes(model: torch.nn.Module, compiled: bool) -> tuple[int, int]:
+    """(bytes the weights hold, bytes one decode token reads: routed experts at K/E, the embedding one row, MLA's
+    absorbed weights as the decode path reads them: compiled, a quantised model's int copies)."""
     cfg, held, read = model.config, 0, 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.dtype == torch.complex64 or name.endswith(("inv_freq", "w_uk", "w_uv_t")):
@@ -87,7 +88,9 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
         read += n
     for m in model.modules():  # the absorbed W_UK / W_UV^T are read instead of wkv_b at decode
         if getattr(m, "w_uk", None) is not None:
-            read += (m.w_uk.numel() + m.w_uv_t.numel()) * m.w_uk.element_size()
+            ints = compiled and m.w_uk_int8 is not None
+            parts = (m.w_uk_int8, m.w_uk_scale, m.w_uv_int8, m.w_uv_scale) if ints else (m.w_uk, m.w_uv_t)
+            read += sum(t.numel() * t.element_size() for t in parts)
     return held, read
 
 
@@ -133,7 +136,7 @@ def openseek_rows(name: str, path: Path, formats: list[str], args: argparse.Name
     rows = []
     for fmt in formats:
         per_token = (times[fmt, args.new_tokens].min_s - times[fmt, 1].min_s) / (args.new_tokens - 1)
-        held, read = weight_bytes(llms[fmt].llm_engine.model)
+        held, read = weight_bytes(llms[fmt].llm_engine.model, compiled=fmt.endswith("compiled"))
         rss = float("nan") if args.no_load_rss or fmt.endswith("compiled") else load_rss_gib(path, fmt)
         rows.append([name, f"openseek {fmt}", f"{1 / per_token:.1f}", f"{held / 2**20:.0f}", f"{rss:.2f}",
                      f"{read / per_token / 1e9:.1f}", f"{100 * read / per_token / bandwidth:.0f}%"])

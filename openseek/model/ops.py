@@ -290,9 +290,12 @@ def experts_gathered(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_N
 def experts_compiled(w1: Tensor, w2: Tensor, w3: Tensor, x_ND: Tensor, weights_NK: Tensor, ids_NK: Tensor
                      ) -> Tensor:
     """COMPILED's experts: for one token, its K experts as multiply-and-sums over the stacks indexed by expert,
-    which inductor reads in place (no gathered copy), int8 dequantisation fused; more tokens as experts_gathered,
-    or, quantised (and int4 at any batch), as experts_quantized_op."""
+    which inductor reads in place (no gathered copy), int8 dequantisation fused; more tokens as experts_gathered;
+    int4 on openseek's kernel as its indexed calls, in the graph; other quantised cases (int8 at batch > 1, int4 on
+    PyTorch's kernel) as experts_quantized_op."""
     quantized = isinstance(w1, QuantizedWeight)
+    if quantized and _int4_indexed(w1, x_ND, ids_NK):  # no Python per expert: traced as it is
+        return _experts_int4_indexed(w1, w2, w3, x_ND, weights_NK, ids_NK)
     if quantized and (ids_NK.shape[0] != 1 or w1.scheme != "int8"):
         return experts_quantized_op(w1, w2, w3, x_ND, weights_NK, ids_NK)
     if ids_NK.shape[0] != 1:
@@ -322,10 +325,9 @@ def experts_quantized(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWei
         return swiglu(x, w1, w2, w3, lambda x, w: linear_quantized(x, w, e), gate)
 
     N, K = ids_NK.shape
-    packed = x_ND.device.type == "cpu" and autocast_dtype(x_ND) is None
-    if packed and w1.scheme == "int4" and cpu_kernels.int4_loaded() and N * K < PACKED_MAX_ROWS:
+    if _int4_indexed(w1, x_ND, ids_NK):
         return _experts_int4_indexed(w1, w2, w3, x_ND, weights_NK, ids_NK)
-    if packed and N == 1:
+    if N == 1 and x_ND.device.type == "cpu" and autocast_dtype(x_ND) is None:
         return _experts_packed_one_token(w1, w2, w3, x_ND, weights_NK, ids_NK)
     if N == 1:
         ys_KD = torch.cat([expert(x_ND, e) for e in ids_NK[0].tolist()])
@@ -348,6 +350,13 @@ def _experts_packed_one_token(w1: QuantizedWeight, w2: QuantizedWeight, w3: Quan
         h_1F = F.silu(w1.matmul_packed(x_1D, e).to(dtype)) * w3.matmul_packed(x_1D, e).to(dtype)
         ys.append(w2.matmul_packed(h_1F.to(w2.kernel_dtype), e))
     return torch.mm(weights_NK.to(dtype), torch.cat(ys).to(dtype)).to(dtype)  # (1, D)
+
+
+def _int4_indexed(w1: QuantizedWeight, x_ND: Tensor, ids_NK: Tensor) -> bool:
+    """Whether quantised experts run as _experts_int4_indexed: int4 on CPU where openseek's kernel is built, few
+    pairs (each reads its expert's weights once)."""
+    return w1.scheme == "int4" and cpu_kernels.int4_loaded() and x_ND.device.type == "cpu" \
+        and autocast_dtype(x_ND) is None and ids_NK.numel() < PACKED_MAX_ROWS
 
 
 def _experts_int4_indexed(w1: QuantizedWeight, w2: QuantizedWeight, w3: QuantizedWeight, x_ND: Tensor,
