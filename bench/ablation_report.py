@@ -9,8 +9,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ablation import (RECIPE_LR_FROM, VARIANTS, Run, Setting, best_lrs, edge_runs, final_runs, load_runs, model_fields,
-                      sweep_runs)
+from ablation import RECIPE_LR_FROM, Run, best_lrs, edge_runs, final_runs, load_runs, sweep_runs
+from ablation_models import VARIANTS, Setting, model_fields
 from common import machine_line, markdown_table
 
 PAPER_TOKENS = "10^11-10^12"  # what the papers' ablation models train on (DeepSeekMoE's 2B model: 100B tokens)

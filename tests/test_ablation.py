@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ def ablation():
         import ablation
         import ablation_report
     return ablation, ablation_report
+
+
+@pytest.fixture(scope="module")
+def models(ablation):
+    """bench/ablation_models.py, which ablation.py imported: the settings, the MHA module, the counts."""
+    return sys.modules["ablation_models"]
 
 
 @pytest.fixture(scope="module")
@@ -126,28 +133,28 @@ def test_best_lr_is_the_least_validation_loss_and_recipe_variants_take_deepseekm
     assert "mla" not in ab.best_lrs(s, done)
 
 
-def build(ab, s, key):
+def build(ab, models, s, key):
     v = ab.VARIANTS[key]
     cfg = ab.train_config(s, [], ab.model_fields(s, v), ab.Run(key, 1e-3, 0))
     with torch.device("meta"):
-        model = ab.Transformer(cfg.model_config())
+        model = models.Transformer(cfg.model_config())
         if v.attention == "MHA":
             for block in model.layers:
-                block.attn = ab.GQA(s.hidden, s.heads, s.heads, s.head_dim)
+                block.attn = models.GQA(s.hidden, s.heads, s.heads, s.head_dim)
     return model
 
 
-def test_deepseekmoe_and_gshard_hold_equal_expert_weights_and_match_params_and_flops(ablation):
+def test_deepseekmoe_and_gshard_hold_equal_expert_weights_and_match_params_and_flops(ablation, models):
     ab, _ = ablation
     s = ab.Setting()
     D, I, E = s.hidden, s.ffn, s.experts
     counts = {}
     for key in ("gshard", "deepseekmoe"):
-        model = build(ab, s, key)
-        moes = [m for m in model.modules() if isinstance(m, ab.MoE)]
+        model = build(ab, models, s, key)
+        moes = [m for m in model.modules() if isinstance(m, models.MoE)]
         assert len(moes) == s.layers - 1  # layer 0 dense
         # every layer: 3 D F weights per expert; GShard E x I/2, DeepSeekMoE (4E - 2) x I/8 routed + 2 x I/8 shared
-        assert sum(ab._numel(m) - ab._numel(m.gate) for m in moes) == (s.layers - 1) * 3 * D * I // 2 * E
+        assert sum(models._numel(m) - models._numel(m.gate) for m in moes) == (s.layers - 1) * 3 * D * I // 2 * E
         total, activated = ab.param_counts(model)
         counts[key] = (total, activated, ab.flops_per_token(s, "MLA", activated))
     for g, d in zip(counts["gshard"], counts["deepseekmoe"]):
@@ -156,13 +163,13 @@ def test_deepseekmoe_and_gshard_hold_equal_expert_weights_and_match_params_and_f
     assert counts["deepseekmoe"][0] - counts["gshard"][0] == router_extra
 
 
-def test_mla_caches_four_to_five_times_less_than_mha_at_equal_activated_params(ablation):
+def test_mla_caches_four_to_five_times_less_than_mha_at_equal_activated_params(ablation, models):
     ab, _ = ablation
     s = ab.Setting()
     mha, mla = 2 * s.heads * s.head_dim, s.latent + s.head_dim // 2  # K and V of every head; c_kv and k_pe
     assert (ab.kv_values(s, "MHA"), ab.kv_values(s, "MLA")) == (mha, mla) == (384, 88)
     assert 4 <= mha / mla <= 5
-    active = {k: ab.param_counts(build(ab, s, k))[1] for k in ("mha", "mla")}
+    active = {k: ab.param_counts(build(ab, models, s, k))[1] for k in ("mha", "mla")}
     assert abs(active["mla"] / active["mha"] - 1) < 0.002, active
     assert ab.model_fields(s, ab.VARIANTS["mla"])["intermediate_size"] > s.ffn  # MLA's fewer attention weights
 
@@ -191,11 +198,10 @@ def naive_attention(x, wq, wk, wv, wo, H, G, d):
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_gqa_matches_naive_causal_attention(ablation, n_kv_heads):
-    ab, _ = ablation
+def test_gqa_matches_naive_causal_attention(models, n_kv_heads):
     torch.manual_seed(0)
     D, H, d = 32, 4, 8
-    m = ab.GQA(D, H, n_kv_heads, d)
+    m = models.GQA(D, H, n_kv_heads, d)
     x = torch.randn(2, 11, D)
     with torch.no_grad():
         ours = m(x, None)
@@ -204,10 +210,9 @@ def test_gqa_matches_naive_causal_attention(ablation, n_kv_heads):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_gqa_rejects_groups_that_do_not_divide_the_heads(ablation):
-    ab, _ = ablation
+def test_gqa_rejects_groups_that_do_not_divide_the_heads(models):
     with pytest.raises(ValueError, match="n_kv_heads=3"):
-        ab.GQA(32, 4, 3, 8)
+        models.GQA(32, 4, 3, 8)
 
 
 def test_from_results_renders_without_training(ablation, quick, tmp_path, capsys):
