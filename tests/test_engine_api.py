@@ -118,6 +118,18 @@ def test_engine_config_names_the_bad_field(field, value):
     assert e.value.field == field and str(e.value).startswith(f"config field {field}=")
 
 
+@pytest.mark.parametrize("max_model_len", [84, 96])
+def test_the_default_cache_holds_max_model_len_in_whole_blocks(folder, max_model_len):
+    # the default had been max_num_seqs * max_model_len tokens' bytes, which for a length that is not a whole number
+    # of blocks held fewer blocks than one full context needs: LLM(max_model_len=84) failed on a field not given
+    llm = LLM(folder, max_num_seqs=2, max_model_len=max_model_len, block_size=16)
+    blocks = len(llm.llm_engine.runner.kv_cache[0]) // 16
+    assert blocks == 2 * -(-max_model_len // 16)  # two full contexts, each its whole blocks
+    out = llm.generate({"prompt_token_ids": [5] * (max_model_len - 8)},
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8
+
+
 def test_a_cache_too_large_to_allocate_is_a_config_error(folder):
     with pytest.raises(FieldError) as e:
         LLM(folder, kv_cache_memory=10**30)

@@ -95,5 +95,6 @@ class EngineConfig:
         return self.max_model_len or min(max_position_embeddings, 8192)
 
     def cache_memory(self, max_model_len: int, bytes_per_token: int) -> int:
-        """kv_cache_memory, or its default: max_num_seqs full contexts, at most 1 GiB."""
-        return self.kv_cache_memory or min(1 << 30, self.max_num_seqs * max_model_len * bytes_per_token)
+        """kv_cache_memory, or its default: max_num_seqs full contexts in whole blocks, at most 1 GiB."""
+        blocks = -(-max_model_len // self.block_size)  # a context's last block is a whole one
+        return self.kv_cache_memory or min(1 << 30, self.max_num_seqs * blocks * self.block_size * bytes_per_token)
