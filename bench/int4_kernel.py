@@ -1,4 +1,4 @@
-"""openseek's int4 CPU kernel (model/csrc/int4_cpu.cpp) against PyTorch's (torch._weight_int4pack_mm_for_cpu) on
+"""openseek's int4 CPU kernel (model/csrc/quant_cpu.cpp) against PyTorch's (torch._weight_int4pack_mm_for_cpu) on
 the same packed weights, in one run: M rows times one weight, and batch-1 decode's routed experts (K pairs, each its
 own expert) as one indexed call against PyTorch's kernel called once per pair.
 
@@ -97,7 +97,7 @@ def row(name: str, M, fns: dict, calls: int, nbytes: int, args: argparse.Namespa
 
 def main() -> None:
     args = kernel_bench_args(__doc__)
-    if not cpu_kernels.load_int4():
+    if not cpu_kernels.load():
         raise SystemExit("openseek's int4 kernel is not built on this machine (see the log): nothing to compare")
     print(machine_line())
     with torch.inference_mode():

@@ -1,6 +1,7 @@
 """openseek's own CPU kernels (model/cpu_kernels.py, model/csrc/): int4_mm and int4_mm_indexed against the
 dequantised weight in float64, one row against many (a row's result must not depend on its batch), the indexed
-kernel against the plain one, bad input, and the paths through ops with the kernel and with PyTorch's instead."""
+kernel against the plain one, int8_head_mm (MLA's absorbed products) against bmm, bad input, and the paths through
+ops with the kernels and with PyTorch's instead."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def int4_weight(E: int | None, O: int, I: int, group: int, seed: int = 0) -> tup
 
 def test_the_kernel_builds_where_it_should():
     # where the machine has AVX-512 and a compiler, a failed build is a bug, not a fallback to skip over
-    assert cpu_kernels.load_int4() and cpu_kernels.int4_loaded()
+    assert cpu_kernels.load() and cpu_kernels.loaded()
+    assert ops.INFERENCE.head_bmm is ops.head_bmm_inference
 
 
 # rows: whole 64-row blocks, and a last block of 16, 32 or 48 (the layout pairs its rows differently)
@@ -75,9 +77,36 @@ def test_bad_input_is_named():
         torch.ops.openseek_cpu.int4_mm(x, qw.qweight[0].to(torch.int8), qw.scale[0], 32)
 
 
+@pytest.mark.parametrize("G", [1, 4], ids=["int8-per-row", "int4-groups"])
+def test_eager_head_bmm_on_int_values_matches_bmm_and_a_row_ignores_its_batch(G):
+    """MLA's absorbed products on a quantised wkv_b's int values (mla.MLA._absorb_int8) through int8_head_mm: W_UK^T's
+    scales vary along the summed dim, W_UV's along the output; both against bmm on the float weight in float64."""
+    g = torch.Generator().manual_seed(G)
+    H, Q, C = 3, 16, 32
+    q = torch.randint(-128, 128, (H, 2 * Q, C), dtype=torch.int8, generator=g)  # (H, Q + U, C) as wkv_b holds them
+    s = torch.rand(H, 2 * Q, G, generator=g) + 0.5
+    w = (q.float().view(H, 2 * Q, G, -1) * s[..., None]).view(H, 2 * Q, C)
+    for K, w_HKN, q_HNK, s_HGG in [(Q, w[:, :Q], q[:, :Q].transpose(1, 2), s[:, :Q].transpose(1, 2)),
+                                   (C, w[:, Q:].transpose(1, 2), q[:, Q:], s[:, Q:])]:
+        int8 = (q_HNK.contiguous(), s_HGG.contiguous())
+        x = torch.randn(H, 3, K, generator=g)
+        want = torch.bmm(x.double(), w_HKN.double())
+        got = ops.head_bmm_inference(x, w_HKN, int8)
+        torch.testing.assert_close(got.double(), want, atol=1e-6 * want.abs().max().item(), rtol=0)
+        assert torch.equal(got[:, 1:2], ops.head_bmm_inference(x[:, 1:2], w_HKN, int8))
+
+
+def test_int8_head_mm_names_bad_input():
+    q, s = torch.zeros(2, 8, 16, dtype=torch.int8), torch.ones(2, 8, 1)
+    with pytest.raises(RuntimeError, match="expected float32 x, int8 q"):
+        torch.ops.openseek_cpu.int8_head_mm(torch.zeros(2, 1, 1, 16, dtype=torch.float64), q, s)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.openseek_cpu.int8_head_mm(torch.zeros(2, 1, 1, 12), q, s)
+
+
 @pytest.mark.parametrize("ours", [True, False], ids=["openseek-kernel", "pytorch-kernel"])
 def test_int4_linear_and_experts_match_the_reference_on_either_kernel(ours, monkeypatch):
-    monkeypatch.setitem(cpu_kernels._built, "int4", ours)
+    monkeypatch.setitem(cpu_kernels._built, "openseek_cpu", ours)
     lin, _ = int4_weight(None, 80, 128, 32)
     x = torch.randn(3, 128)
     want = linear_dense(x, lin)

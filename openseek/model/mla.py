@@ -67,8 +67,9 @@ class MLA(nn.Module):
         """W_UK and W_UV^T once more as a quantised wkv_b holds them: its int values (int8, or int4 values one to a
         byte), stored as the float copies are, and float32 scales, one per block of rows and columns of the stored
         (H, N, K) matrix: (H, G, Q) for W_UK^T (C, Q), (H, U, G) for W_UV (U, C), G the groups of C (1 for int8).
-        q * s is exactly the float copy, in a quarter of float32's bytes: COMPILED's one-row products read these
-        (ops.head_bmm_compiled), a quantised model's decode otherwise reading more bytes here than in its experts."""
+        q * s is exactly the float copy, in a quarter of float32's bytes: decode's products read these
+        (ops.head_bmm_inference, head_bmm_compiled), a quantised model's decode otherwise reading more bytes here
+        than in its experts."""
         q, s = self.wkv_b.weight.quantized()  # (H * (Q + U), C), (H * (Q + U),) or (H * (Q + U), G)
         q, s = q.view(H, -1, C), s.float().view(H, q.shape[0] // H, -1)  # (H, Q + U, C), (H, Q + U, G)
         self.w_uk_int8, self.w_uk_scale = q[:, :Q].transpose(1, 2).contiguous(), s[:, :Q].transpose(1, 2).contiguous()

@@ -97,6 +97,22 @@ def head_bmm(x_HMK: Tensor, w_HKN: Tensor, int8: tuple[Tensor, Tensor] | None = 
     return torch.bmm(x_HMK, w_HKN)
 
 
+def head_bmm_inference(x_HMK: Tensor, w_HKN: Tensor, int8: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """INFERENCE's head_bmm: a quantised model's few rows through openseek's int8_head_mm on the int values (a
+    quarter of float32's bytes; cpu_kernels.py), where it is built; else torch.bmm on the float weight."""
+    if int8 is None or not cpu_kernels.loaded() or x_HMK.device.type != "cpu" or x_HMK.shape[1] >= PACKED_MAX_ROWS \
+            or autocast_dtype(x_HMK) is not None:
+        return torch.bmm(x_HMK, w_HKN)
+    q_HNK, scale = int8  # scale (H, Gn, Gk): one per block of N / Gn rows and K / Gk columns
+    (H, N, K), (Gn, Gk) = q_HNK.shape, scale.shape[1:]
+    x = x_HMK.float()[:, :, None]  # (H, M, 1, K)
+    if Gk == K:  # the scale varies along the summed dim (W_UK^T): fold it into x, one x per block of rows
+        x, scale = x * scale[:, None], scale.new_ones(H, N, 1)  # (H, M, Gn, K), (H, N, 1)
+    elif Gn != N:
+        scale = scale.repeat_interleave(N // Gn, 1)  # (H, N, Gk)
+    return torch.ops.openseek_cpu.int8_head_mm(x, q_HNK, scale).to(x_HMK.dtype)  # (H, M, N)
+
+
 def head_bmm_compiled(x_HMK: Tensor, w_HKN: Tensor, int8: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """COMPILED's head_bmm: one row per head as a multiply-and-sum, read in place as linear_compiled reads its
     weight; more rows as torch.bmm. int8: the same weight as a quantised model's int values stored (H, N, K) and
@@ -355,7 +371,7 @@ def _experts_packed_one_token(w1: QuantizedWeight, w2: QuantizedWeight, w3: Quan
 def _int4_indexed(w1: QuantizedWeight, x_ND: Tensor, ids_NK: Tensor) -> bool:
     """Whether quantised experts run as _experts_int4_indexed: int4 on CPU where openseek's kernel is built, few
     pairs (each reads its expert's weights once)."""
-    return w1.scheme == "int4" and cpu_kernels.int4_loaded() and x_ND.device.type == "cpu" \
+    return w1.scheme == "int4" and cpu_kernels.loaded() and x_ND.device.type == "cpu" \
         and autocast_dtype(x_ND) is None and ids_NK.numel() < PACKED_MAX_ROWS
 
 
@@ -427,7 +443,8 @@ class Kernels:
 
 REFERENCE = Kernels(linear_dense, rms_norm, attention_reference, experts_reference)
 TRAINING = Kernels(linear_dense, rms_norm_training, attention_sdpa, experts_padded)
-INFERENCE = Kernels(linear_inference, rms_norm_inference, attention_sdpa, experts_inference)
+INFERENCE = Kernels(linear_inference, rms_norm_inference, attention_sdpa, experts_inference,
+                    head_bmm=head_bmm_inference)
 # the decode step under torch.compile (the engine's `compile`): the same math, traceable without graph breaks
 COMPILED = Kernels(linear_compiled, rms_norm_inference, attention_sdpa, experts_compiled, rope=rope_pairs,
                    head_bmm=head_bmm_compiled)

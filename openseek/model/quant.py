@@ -177,7 +177,7 @@ class QuantizedMath:
     def kernel_dtype(self) -> torch.dtype:
         """The activations' dtype matmul_packed takes: float32 for openseek's int4 kernel, bf16 for PyTorch's
         (their float32 paths read int8 weights at a tenth of the speed, int4 at a thirtieth)."""
-        return torch.float32 if self.scheme == "int4" and cpu_kernels.int4_loaded() else torch.bfloat16
+        return torch.float32 if self.scheme == "int4" and cpu_kernels.loaded() else torch.bfloat16
 
     def matmul_packed(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x (M, I) contiguous, of kernel_dtype -> x W^T (M, O) through the CPU weight-only kernels: openseek's for
@@ -186,13 +186,13 @@ class QuantizedMath:
         sc = self.scale if index is None else self.scale[index]
         if self.scheme == "int8":
             return torch._weight_int8pack_mm(x, qw, sc)
-        if cpu_kernels.int4_loaded():
+        if cpu_kernels.loaded():
             return torch.ops.openseek_cpu.int4_mm(x, qw, sc, self.group_size)[:, : self.shape[-2]]
         return torch._weight_int4pack_mm_for_cpu(x, qw, self.group_size, sc)[:, : self.shape[-2]]
 
     def matmul_indexed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row m of x (M, I) times matrix ids[m] of this int4 stack -> (M, O) float32, in one call of openseek's
-        kernel (only where cpu_kernels.int4_loaded())."""
+        kernel (only where cpu_kernels.loaded())."""
         return torch.ops.openseek_cpu.int4_mm_indexed(x, self.qweight, self.scale, ids, self.group_size)[
             :, : self.shape[-2]]
 
@@ -218,8 +218,7 @@ class QuantizedWeight(QuantizedMath, nn.Module):
                  device: torch.device | str = "meta"):
         super().__init__()
         self.scheme, self.shape, self.group_size, self.dtype = scheme, tuple(shape), group_size, dtype
-        if scheme == "int4":
-            cpu_kernels.load_int4()  # built now (once per machine), never inside a compiled trace
+        cpu_kernels.load()  # built now (once per machine), never inside a compiled trace
         *lead, O, I = shape
         if scheme == "int8":
             self.register_buffer("qweight", torch.empty(*lead, O, I, dtype=torch.int8, device=device))

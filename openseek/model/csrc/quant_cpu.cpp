@@ -1,13 +1,16 @@
-// y = x W^T for a weight-only int4 matrix in PyTorch's CPU int4 layout (torch._convert_weight_to_int4pack_for_cpu,
-// what quant.py stores), on float32 activations with float32 accumulation. Loaded by cpu_kernels.py.
+// openseek's CPU kernels for quantised weights, on float32 activations with float32 accumulation; loaded by
+// cpu_kernels.py. int4_mm / int4_mm_indexed: y = x W^T for weight-only int4 matrices in PyTorch's CPU int4 layout
+// (torch._convert_weight_to_int4pack_for_cpu, what quant.py stores). int8_head_mm: MLA's absorbed per-head products
+// on a quantised wkv_b's int values.
 //
-// The layout: rows in blocks of 64, each block stored column-major, byte (k, j) holding row j in its low nibble and
-// row j + 32 in its high one; a last partial block of 16, 32 or 48 rows pairs adjacent rows instead. Scales (G, O', 2)
-// bf16: (scale, zero) per group of `group` columns and row, zero 0 (quantisation is symmetric) and not read.
-// A nibble u stands for u - 8.
+// The int4 layout: rows in blocks of 64, each block stored column-major, byte (k, j) holding row j in its low nibble
+// and row j + 32 in its high one; a last partial block of 16, 32 or 48 rows pairs adjacent rows instead. Scales
+// (G, O', 2) bf16: (scale, zero) per group of `group` columns and row, zero 0 (quantisation is symmetric) and not
+// read. A nibble u stands for u - 8.
 //
-// Why a kernel of our own (bench/results/int4_kernel.txt): PyTorch's reads one row of activations at 9-19 GB/s and
-// takes them in bf16; this one reads 1.1-1.5x faster at one row, as fast at four, in float32.
+// Why kernels of our own (bench/results/int4_kernel.txt): PyTorch's int4 kernel reads one row at 9-19 GB/s and takes
+// it in bf16; int4_mm reads up to 1.2x faster at one row, as fast at four, in float32, and int4_mm_indexed runs a
+// step's expert pairs in one call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -171,14 +174,70 @@ at::Tensor int4_mm_indexed(const at::Tensor& x, const at::Tensor& qweight, const
   return y;
 }
 
+// One (h, n) output of int8_head_mm for row m: sum over the Gk segments of K of s[g] * (x_seg . q_seg).
+inline float int8_row(const float* x, const int8_t* q, const float* s, int64_t K, int64_t Gk) {
+  const int64_t seg = K / Gk;
+  float y = 0.f;
+  for (int64_t g = 0; g < Gk; ++g) {
+    const float* x_g = x + g * seg;
+    const int8_t* q_g = q + g * seg;
+    int64_t k = 0;
+    float dot = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; k + 16 <= seg; k += 16) {
+      const __m128i q16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q_g + k));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16)), _mm512_loadu_ps(x_g + k), acc);
+    }
+    dot = _mm512_reduce_add_ps(acc);
+#endif
+    for (; k < seg; ++k) dot += x_g[k] * static_cast<float>(q_g[k]);
+    y += s[g] * dot;
+  }
+  return y;
+}
+
+// MLA's absorbed per-head products on a quantised wkv_b's int values (mla.MLA._absorb_int8):
+// y[h, m, n] = sum over g < Gk of s[h, n, g] * (x[h, m, n / (N / Gx), seg g] . q[h, n, seg g]),
+// x (H, M, Gx, K) float32 (the caller folds scales that vary along K into it), q (H, N, K) int8, s (H, N, Gk)
+// float32 -> (H, M, N) float32.
+at::Tensor int8_head_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  TORCH_CHECK(x.dim() == 4 && q.dim() == 3 && s.dim() == 3, "int8_head_mm: expected x (H, M, Gx, K), q (H, N, K), s (H, N, Gk)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kChar && s.scalar_type() == at::kFloat,
+              "int8_head_mm: expected float32 x, int8 q, float32 s, got ", x.scalar_type(), ", ", q.scalar_type(), ", ",
+              s.scalar_type());
+  const int64_t H = q.size(0), N = q.size(1), K = q.size(2), M = x.size(1), Gx = x.size(2), Gk = s.size(2);
+  TORCH_CHECK(x.size(0) == H && x.size(3) == K && N % Gx == 0 && s.size(0) == H && s.size(1) == N && K % Gk == 0,
+              "int8_head_mm: shapes do not match: x ", x.sizes(), ", q ", q.sizes(), ", s ", s.sizes());
+  const at::Tensor x_c = x.contiguous(), q_c = q.contiguous(), s_c = s.contiguous();
+  at::Tensor y = at::empty({H, M, N}, x_c.options());
+  const float* x_p = x_c.data_ptr<float>();
+  const int8_t* q_p = q_c.data_ptr<int8_t>();
+  const float* s_p = s_c.data_ptr<float>();
+  float* y_p = y.data_ptr<float>();
+  const int64_t rows_per_x = N / Gx;
+  at::parallel_for(0, H * N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r / N, n = r % N;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* x_r = x_p + ((h * M + m) * Gx + n / rows_per_x) * K;
+        y_p[(h * M + m) * N + n] = int8_row(x_r, q_p + r * K, s_p + r * Gk, K, Gk);
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(openseek_cpu, m) {
   m.def("int4_mm(Tensor x, Tensor qweight, Tensor scale, int group) -> Tensor");
   m.def("int4_mm_indexed(Tensor x, Tensor qweight, Tensor scale, Tensor ids, int group) -> Tensor");
+  m.def("int8_head_mm(Tensor x, Tensor q, Tensor s) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openseek_cpu, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int4_mm_indexed", &int4_mm_indexed);
+  m.impl("int8_head_mm", &int8_head_mm);
 }
